@@ -1,0 +1,117 @@
+"""A transformers ``DeepseekV4ForCausalLM`` built from a V4 checkpoint folder, in float (a CPU reference model).
+
+The checkpoint keeps DeepSeek's native names (``layers.N.attn.wq_a.weight`` + ``.scale``). transformers renames
+them itself: ``from_pretrained`` applies its ``deepseek_v4`` entry of ``transformers/conversion_mapping.py``
+(``attn`` -> ``self_attn``, ``wq_a`` -> ``q_a_proj``, routed ``experts.E.w1``/``w3`` stacked into
+``experts.gate_up_proj``, ...) to any state dict it is given, so this module only supplies native names with
+float values and never spells out the HF names.
+
+The values come from a *tensor source*: by default the checkpoint's own tensors with every FP8 weight dequantized
+by its ``.scale``; verification can pass its own source (e.g. NVFP4-decoded weights under the same native names)
+to run the identical model on other numbers. transformers does not build the MTP block, so ``mtp.*`` is never
+requested.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .checkpoint import Checkpoint, configured_block_size, open_checkpoint, scale_of
+from .fp8 import dequantize_fp8_blocks, infer_block_size
+from .safetensors_io import read_tensor
+
+TensorSource = Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+def dequantized_source(ckpt: Checkpoint) -> Callable[[str], torch.Tensor]:
+    """A tensor source over a checkpoint: native name -> the tensor, FP8 weights dequantized to float32."""
+    block = configured_block_size(ckpt.config)
+
+    def read(name: str) -> torch.Tensor:
+        tensor = read_tensor(ckpt.tensors[name])
+        scale_name = scale_of(name, ckpt.tensors)
+        if scale_name is None or tensor.dtype != torch.float8_e4m3fn:
+            return tensor
+        scale = read_tensor(ckpt.tensors[scale_name])
+        return dequantize_fp8_blocks(tensor, scale, infer_block_size(tensor.shape, scale.shape, block, name), name)
+
+    return read
+
+
+def model_weight_names(ckpt: Checkpoint, layers: Sequence[int]) -> list[str]:
+    """Native names transformers needs: no ``.scale`` companions, no MTP, only the chosen decoder layers."""
+    keep = {str(n) for n in layers}
+    names = []
+    for name in ckpt.tensors:
+        if name.endswith(".scale") or name.startswith("mtp."):
+            continue
+        if name.startswith("layers.") and name.split(".")[1] not in keep:
+            continue
+        names.append(name)
+    return names
+
+
+def hf_config(config: dict, layers: Sequence[int]):
+    """A ``DeepseekV4Config`` for the chosen layers of a checkpoint's config.json, without its FP8 quantization.
+
+    The layer schedule is passed explicitly (``layer_types``/``mlp_layer_types``) because a subset such as
+    ``[3]`` cannot be expressed with ``compress_ratios``/``num_hash_layers``.
+    """
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import _COMPRESS_RATIO_TO_LAYER_TYPE
+
+    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "compress_ratios", "num_hash_layers")}
+    ratios = config["compress_ratios"]
+    num_hash = config.get("num_hash_layers", 0)
+    fields["num_hidden_layers"] = len(layers)
+    fields["layer_types"] = [_COMPRESS_RATIO_TO_LAYER_TYPE[ratios[n]] for n in layers]
+    fields["mlp_layer_types"] = ["hash_moe" if n < num_hash else "moe" for n in layers]
+    return DeepseekV4Config(**fields)
+
+
+def load_dequantized_hf_model(
+    src_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    layers: Sequence[int] | None = None,
+    tensors: TensorSource | None = None,
+):
+    """Build ``transformers.DeepseekV4ForCausalLM`` from the checkpoint in ``src_dir`` and load its weights.
+
+    ``layers``: decoder layers to keep, by their checkpoint index (default: all). They become the model's layers
+    0..len-1 in the given order, each keeping its own attention type and router type; embedding, final norm,
+    ``hc_head`` and LM head are always loaded. ``layers=[3]`` gives a one-block model for layer 3.
+
+    ``tensors``: where values come from, by native checkpoint name (a mapping or a callable). Default: the
+    checkpoint itself, FP8 weights dequantized with their block scales. Floating values are cast to ``dtype``.
+
+    Raises ``ValueError`` if transformers reports any missing, unexpected or mismatched key. Returns the model in
+    eval mode on CPU.
+    """
+    from transformers import DeepseekV4ForCausalLM
+
+    ckpt = open_checkpoint(str(src_dir))
+    if ckpt.problems:
+        raise ValueError(f"{src_dir}: checkpoint problems: {ckpt.problems[:5]}")
+    chosen = list(range(ckpt.config["num_hidden_layers"])) if layers is None else list(layers)
+    source = dequantized_source(ckpt) if tensors is None else tensors
+    fetch = source.__getitem__ if isinstance(source, Mapping) else source
+    new_index = {str(n): str(i) for i, n in enumerate(chosen)}
+    state_dict = {}
+    for name in model_weight_names(ckpt, chosen):
+        value = fetch(name)
+        if value.is_floating_point():
+            value = value.to(dtype)
+        if name.startswith("layers."):
+            _, n, rest = name.split(".", 2)
+            name = f"layers.{new_index[n]}.{rest}"
+        state_dict[name] = value
+    model, info = DeepseekV4ForCausalLM.from_pretrained(
+        None, config=hf_config(ckpt.config, chosen), state_dict=state_dict, dtype=dtype, output_loading_info=True
+    )
+    bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+    if bad or info["error_msgs"]:
+        raise ValueError(f"{src_dir}: transformers did not load cleanly: {bad} {info['error_msgs']}")
+    return model.eval()
