@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Path A: convert an FP8 block-scaled DeepSeek V4 checkpoint to NVFP4, weight-only, streaming and resumable.
+
+    python fp8_to_nvfp4_streaming.py --src DeepSeek-V4-Pro-FP8 --dst OUT --workers 8 2>&1 | tee path_a.log
+
+Rerun the same command after a crash to resume; --restart starts over; --dry-run prints the plan only.
+"""
+
+import argparse
+
+import torch
+
+from nvfp4kit.checkpoint import CheckpointError
+from nvfp4kit.cli import add_plan_flags, options_from_args, run_main, setup_logging
+from nvfp4kit.convert import ConvertError, Settings, convert
+from nvfp4kit.layouts import LayoutError
+from nvfp4kit.plan import PlanError
+from nvfp4kit.rules import RuleError
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="source checkpoint folder (FP8, DeepSeek names)")
+    p.add_argument("--dst", required=True, help="output folder (created; must be outside the source)")
+    p.add_argument("--workers", type=int, default=torch.cuda.device_count() or 1,
+                   help="worker processes, one per GPU (default: all GPUs, or 1 on CPU)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--activation-scales", metavar="FILE",
+                   help="per-module input amax (quantize_llmcompressor.py --export-activation-scales): writes W4A4")
+    add_plan_flags(p)
+    p.add_argument("--restart", action="store_true", help="discard a previous run's output in --dst and start over")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the expected size; write nothing")
+    p.add_argument("--no-verify-resume", action="store_true",
+                   help="on resume, trust finished shards by size instead of re-hashing them")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    setup_logging(args.verbose)
+    settings = Settings(workers=args.workers, device=args.device, restart=args.restart, dry_run=args.dry_run,
+                        verify_resume=not args.no_verify_resume)
+    convert(args.src, args.dst, options_from_args(args), settings, args.activation_scales)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, (ConvertError, PlanError, CheckpointError, LayoutError, RuleError, OSError))

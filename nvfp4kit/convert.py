@@ -1,0 +1,526 @@
+"""Path A: stream an FP8 checkpoint into NVFP4, shard by shard, resumably.
+
+The job, top to bottom (:func:`convert`):
+
+1. refuse what cannot work (destination inside the source, a drifted resume, too little disk), plan from the
+   index and headers (:mod:`nvfp4kit.plan`), take the destination lock;
+2. write the plan and fingerprint to ``DST/.nvfp4kit/`` first; a rerun with other flags or a changed source is
+   refused unless ``--restart``;
+3. copy every non-tensor file of the source verbatim (config.json is rewritten at the end);
+4. write each output shard that the manifest does not list as verified: to ``.NAME.partial``, flushed and
+   renamed, then recorded in ``manifest.jsonl`` with its size and sha256; N worker processes take shards from
+   a queue, each on its own GPU (or the CPU); in a worker, reads of the next unit and writes of the last one
+   overlap the compute;
+5. last, config.json, the report, and the index: a destination with an index is complete.
+
+Every output byte depends only on the plan, never on the worker count or the device.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from . import __version__
+from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from .fp8 import FP8FormatError, check_fp8_block, dequantize_fp8_blocks
+from .layouts import Layout
+from .nvfp4 import NVFP4FormatError, NVFP4Tensor, dequantize_nvfp4, quantize_group, reconstruction_error
+from .plan import ConversionPlan, Options, PlanError, Unit, build_plan, load_activation_amax, source_fingerprint
+from .safetensors_io import DTYPES, TensorInfo, encode_header, read_into, tensor_bytes
+
+log = logging.getLogger("nvfp4kit.convert")
+
+STATE_DIR = ".nvfp4kit"
+LOCK_NAME = ".nvfp4kit.lock"
+REPORT_NAME = "conversion_report.json"
+COPY_CHUNK = 64 * 2**20  # bytes per read of a tensor copied as is (bounds memory for 1.85 GB embeddings)
+
+
+class ConvertError(RuntimeError):
+    """A refusal or failure with a message for the user; nothing half-written is left to be trusted."""
+
+
+@dataclass
+class Settings:
+    """Flags that do not change output bytes."""
+
+    workers: int = 1
+    device: str = "cpu"
+    restart: bool = False
+    dry_run: bool = False
+    verify_resume: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+def convert(src: str, dst: str, options: Options, settings: Settings, activation_scales: str | None = None) -> dict:
+    """Convert ``src`` into ``dst``; returns the report (also written to ``dst/conversion_report.json``)."""
+    src, dst = os.path.realpath(src), os.path.realpath(dst)
+    if dst == src or dst.startswith(src + os.sep):
+        raise ConvertError(f"destination {dst} is inside the source {src}: choose a folder outside it")
+    if os.path.realpath(src).startswith(dst + os.sep):
+        raise ConvertError(f"the source {src} is inside the destination {dst}: choose another destination")
+    ckpt = open_checkpoint(src)
+    amax = load_activation_amax(activation_scales) if activation_scales else None
+    if activation_scales:
+        options = Options(**{**options.__dict__, "activation_scales_sha256": _sha256_file(activation_scales)})
+    plan = build_plan(ckpt, options, amax)
+    log.info(
+        "plan: %d tensors in %d shards (%.2f GB) -> %d units in %d shards (%.2f GB expected), format %s, %s",
+        len(ckpt.tensors), len(ckpt.shards), plan.source_bytes / 1e9, len(plan.units), len(plan.shards),
+        plan.output_bytes / 1e9, options.format, Layout(options.format, bool(amax)).scheme,
+    )
+    if settings.dry_run:
+        return {"dry_run": True, "expected_output_bytes": plan.output_bytes, "shards": len(plan.shards)}
+
+    fingerprint = _fingerprint(ckpt, plan)
+    os.makedirs(dst, exist_ok=True)
+    with _exclusive_lock(dst):
+        state = os.path.join(dst, STATE_DIR)
+        done = _prepare_state(dst, state, fingerprint, plan, settings)
+        todo = [s for s in plan.shards if s.name not in done]
+        _check_free_space(dst, sum(s.nbytes for s in todo))
+        _copy_side_files(src, dst)
+        if todo:
+            log.info("%d of %d shards to write (%d already done and verified)", len(todo), len(plan.shards), len(done))
+        started = time.time()
+        done.update(_write_shards(ckpt, plan, todo, dst, settings))
+        report = _finish(ckpt, plan, dst, done, time.time() - started)
+    return report
+
+
+def _fingerprint(ckpt: Checkpoint, plan: ConversionPlan) -> dict:
+    return {"kit_version": __version__, "source": ckpt.root, "source_fingerprint": source_fingerprint(ckpt),
+            "options": plan.options.as_json()}
+
+
+@contextmanager
+def _exclusive_lock(dst: str) -> Iterator[None]:
+    fd = os.open(os.path.join(dst, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConvertError(f"{dst} is locked by another conversion that is still running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan, settings: Settings) -> dict[str, dict]:
+    """Write or check the fingerprint; return the manifest entries of shards already done and still intact."""
+    fp_path = os.path.join(state, "fingerprint.json")
+    if settings.restart and os.path.isdir(state):
+        log.info("--restart: discarding the previous run's state in %s", dst)
+        _remove_outputs(dst, state)
+    if os.path.exists(fp_path):
+        with open(fp_path) as f:
+            previous = json.load(f)
+        if previous != fingerprint:
+            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+            raise ConvertError(
+                f"{dst} holds a conversion started with a different {', '.join(changed)} "
+                f"(previous: {json.dumps({k: previous.get(k) for k in changed})}); rerun the original command "
+                "to resume it, or pass --restart to start over"
+            )
+    else:
+        leftovers = [n for n in os.listdir(dst) if n not in (LOCK_NAME,)]
+        if leftovers:
+            raise ConvertError(
+                f"{dst} is not empty and holds no conversion of this kit ({', '.join(sorted(leftovers)[:5])}...): "
+                "choose an empty destination"
+            )
+        os.makedirs(state, exist_ok=True)
+        _atomic_write_json(os.path.join(state, "plan.json"), plan.to_json())
+        _atomic_write_json(fp_path, fingerprint)
+        log.info("new conversion; state in %s", state)
+    # A destination with an index is complete only if it is this run's; a resume rewrites it at the end.
+    if os.path.exists(os.path.join(dst, INDEX_NAME)):
+        os.remove(os.path.join(dst, INDEX_NAME))
+    done = _read_manifest(state)
+    planned = {s.name: s for s in plan.shards}
+    intact = {}
+    for name, entry in done.items():
+        path = os.path.join(dst, name)
+        ok = name in planned and os.path.exists(path) and os.path.getsize(path) == entry["size"]
+        if ok and settings.verify_resume:
+            ok = _sha256_file(path) == entry["sha256"]
+        if ok:
+            intact[name] = entry
+        else:
+            log.warning("shard %s is missing, truncated or corrupt: it will be written again", name)
+    for name in os.listdir(dst):
+        if name.endswith(".partial"):
+            os.remove(os.path.join(dst, name))  # a killed run's unfinished shard: never trusted
+    return intact
+
+
+def _remove_outputs(dst: str, state: str) -> None:
+    shutil.rmtree(state)
+    for name in os.listdir(dst):
+        if name != LOCK_NAME:
+            p = os.path.join(dst, name)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+
+
+def _read_manifest(state: str) -> dict[str, dict]:
+    entries = {}
+    path = os.path.join(state, "manifest.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    e = json.loads(line)
+                    entries[e["name"]] = e
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a line cut short by a kill: that shard is simply redone
+    return entries
+
+
+def _append_manifest(state: str, entry: dict) -> None:
+    with open(os.path.join(state, "manifest.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_free_space(dst: str, needed: int) -> None:
+    free = shutil.disk_usage(dst).free
+    if needed > free:
+        raise ConvertError(f"{dst}: {needed / 1e9:.2f} GB still to write but only {free / 1e9:.2f} GB free")
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    """Every non-tensor file and folder of the source, verbatim (config.json is rewritten in :func:`_finish`)."""
+    for root, dirs, files in os.walk(src):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(root, src)
+        for name in files:
+            if rel == "." and (name.endswith(".safetensors") or name in (INDEX_NAME, "config.json")):
+                continue
+            s, d = os.path.join(root, name), os.path.join(dst, rel, name)
+            if os.path.exists(d) and os.path.getsize(d) == os.path.getsize(s) and _sha256_file(d) == _sha256_file(s):
+                continue
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            shutil.copy2(s, d + ".partial")
+            os.replace(d + ".partial", d)
+
+
+def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dict], seconds: float) -> dict:
+    config = dict(ckpt.config)
+    config.pop("quantization_config", None)  # the source FP8 config never survives
+    config["quantization_config"] = plan.quantization_config
+    _atomic_write_json(os.path.join(dst, "config.json"), config)
+    if plan.hf_quant_config is not None:
+        _atomic_write_json(os.path.join(dst, "hf_quant_config.json"), plan.hf_quant_config)
+    report = _summarize(ckpt, plan, done, seconds)
+    _atomic_write_json(os.path.join(dst, REPORT_NAME), report)
+    index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
+    _atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+    log.info(
+        "done: %d tensors quantized, %d kept FP8, %d copied; %.2f GB -> %.2f GB (%.1f%%); %.1f s; "
+        "SQNR mean %.2f dB, worst %.2f dB (%s); exact-policy tensors: %d",
+        report["quantized_tensors"], report["kept_fp8_tensors"], report["copied_tensors"], report["source_bytes"] / 1e9,
+        report["output_bytes"] / 1e9, 100 * report["output_bytes"] / max(report["source_bytes"], 1), seconds,
+        report["sqnr_db_mean"], report["sqnr_db_worst"], report["worst_tensor"], report["exact_tensors"],
+    )
+    return report
+
+
+def _summarize(ckpt: Checkpoint, plan: ConversionPlan, done: dict[str, dict], seconds: float) -> dict:
+    tensors = {m: st for entry in done.values() for m, st in entry["tensors"].items()}
+    finite = [st["sqnr_db"] for st in tensors.values() if math.isfinite(st["sqnr_db"])]
+    worst = min(tensors, key=lambda m: tensors[m]["sqnr_db"], default=None)
+    counts = {a: sum(1 for v in plan.actions.values() if v == a) for a in ("quantize", "keep_fp8", "keep")}
+    return {
+        "kit_version": __version__,
+        "source": ckpt.root,
+        "options": plan.options.as_json(),
+        "quantized_tensors": counts["quantize"],
+        "kept_fp8_tensors": counts["keep_fp8"],
+        "copied_tensors": counts["keep"],
+        "source_bytes": plan.source_bytes,
+        "output_bytes": plan.output_bytes,
+        "seconds_this_run": round(seconds, 3),
+        "sqnr_db_mean": sum(finite) / len(finite) if finite else math.inf,
+        "sqnr_db_worst": tensors[worst]["sqnr_db"] if worst else math.inf,
+        "worst_tensor": worst,
+        "exact_tensors": sum(1 for st in tensors.values() if st["rule"] == "exact"),
+        "tensors": dict(sorted(tensors.items())),
+    }
+
+
+def _atomic_write_json(path: str, obj: object) -> None:
+    tmp = path + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shards: a pool of worker processes, a tqdm bar over source bytes in the parent
+# ---------------------------------------------------------------------------------------------------------------
+def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, settings: Settings) -> dict[str, dict]:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    state = os.path.join(dst, STATE_DIR)
+    total = sum(plan.units[i].source_bytes for s in todo for i in s.units)
+    done: dict[str, dict] = {}
+    if not todo:
+        return done
+    ctx = mp.get_context("spawn")
+    jobs, events = ctx.Queue(), ctx.Queue()
+    for shard in todo:
+        jobs.put(shard.name)
+    workers = max(1, min(settings.workers, len(todo)))
+    for _ in range(workers):
+        jobs.put(None)
+    job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers))
+    procs = [ctx.Process(target=_worker_main, args=(k, job, jobs, events), daemon=True) for k in range(workers)]
+    for p in procs:
+        p.start()
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
+               smoothing=0.05, mininterval=1.0)
+    finished = 0
+    redirect = logging_redirect_tqdm()
+    redirect.__enter__()
+    try:
+        while finished < workers:
+            try:
+                kind, payload = events.get(timeout=5)
+            except queue.Empty:
+                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead:
+                    raise ConvertError(f"a worker died (exit code {dead[0].exitcode}); rerun the same command to resume")
+                continue
+            if kind == "progress":
+                bar.update(payload)
+            elif kind == "shard":
+                _append_manifest(state, payload)
+                done[payload["name"]] = payload
+                log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s of source), worker %d, %d/%d shards",
+                         payload["name"], payload["size"] / 1e9, payload["seconds"],
+                         payload["source_bytes"] / max(payload["seconds"], 1e-9) / 1e9, payload["worker"],
+                         len(done), len(todo))
+            elif kind == "error":
+                raise ConvertError(payload)
+            elif kind == "exit":
+                finished += 1
+    finally:
+        redirect.__exit__(None, None, None)
+        bar.close()
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+    return done
+
+
+@dataclass
+class _WorkerJob:
+    tensors: dict[str, TensorInfo]
+    plan: ConversionPlan
+    dst: str
+    device: str
+    threads: int  # torch CPU threads per worker: the cores shared out between workers
+
+
+def _worker_main(k: int, job: _WorkerJob, jobs, events) -> None:
+    torch.set_num_threads(job.threads)
+    device = _worker_device(job.device, k)
+    shards = {s.name: s for s in job.plan.shards}
+    try:
+        while (name := jobs.get()) is not None:
+            entry = _write_one_shard(job, shards[name], device, lambda n: events.put(("progress", n)))
+            entry["worker"] = k
+            events.put(("shard", entry))
+    except (ConvertError, FP8FormatError, NVFP4FormatError, OSError) as e:
+        events.put(("error", str(e)))
+    except KeyboardInterrupt:
+        pass
+    except Exception:  # an unexpected bug: the traceback is what a maintainer needs
+        events.put(("error", f"worker {k} failed:\n{traceback.format_exc()}"))
+    finally:
+        events.put(("exit", k))
+
+
+def _worker_device(device: str, k: int) -> torch.device:
+    if device == "cuda":
+        return torch.device("cuda", k % torch.cuda.device_count())
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One shard: reader thread -> compute -> writer thread
+# ---------------------------------------------------------------------------------------------------------------
+_DONE = object()
+
+
+def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> dict:
+    plan, tensors = job.plan, job.tensors
+    units = [plan.units[i] for i in shard.units]
+    specs = [o for u in units for o in u.outputs]
+    final = os.path.join(job.dst, shard.name)
+    partial = os.path.join(job.dst, f".{shard.name}.partial")
+    layout = Layout(plan.options.format, w4a4=bool(plan.activation_amax))
+    started = time.time()
+    stats: dict[str, dict] = {}
+    reads: queue.Queue = queue.Queue(maxsize=2)
+    writes: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+    pin = device.type == "cuda"
+
+    def reader() -> None:
+        try:
+            for unit in units:
+                for item in _read_unit(unit, tensors, pin):
+                    reads.put(item)
+        except BaseException as e:  # handed to the compute loop, which raises it with the tensor's name
+            failure.append(e)
+        reads.put(_DONE)
+
+    h = hashlib.sha256()
+    size = 0
+
+    def writer(f) -> None:
+        nonlocal size
+        try:
+            while (item := writes.get()) is not _DONE:
+                data, source_bytes = item
+                for t in data:
+                    b = tensor_bytes(t)
+                    f.write(b)
+                    h.update(b)
+                    size += len(b)
+                progress(source_bytes)
+        except BaseException as e:
+            failure.append(e)
+            while writes.get() is not _DONE:  # drain so the compute loop never blocks
+                pass
+
+    with open(partial, "wb") as f:
+        header = encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__}"})
+        f.write(header)
+        h.update(header)
+        size += len(header)
+        threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, args=(f,), daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            while (item := reads.get()) is not _DONE:
+                writes.put(_compute(item, plan, layout, device, stats))
+                if failure:
+                    break
+        finally:
+            writes.put(_DONE)
+            threads[1].join()
+        if failure:
+            os.remove(partial)
+            raise failure[0]
+        f.flush()
+        os.fsync(f.fileno())
+    expected = len(header) + sum(s.nbytes for s in specs)
+    if size != expected:
+        os.remove(partial)
+        raise ConvertError(f"{shard.name}: wrote {size} bytes, expected {expected}")
+    os.replace(partial, final)
+    _fsync_dir(job.dst)
+    return {"name": shard.name, "size": size, "sha256": h.hexdigest(), "seconds": time.time() - started,
+            "source_bytes": sum(u.source_bytes for u in units), "tensors": stats}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterator[tuple]:
+    """Items for the compute loop: a whole unit, or a copied tensor in chunks of :data:`COPY_CHUNK` bytes."""
+    if unit.kind == "copy":
+        info = tensors[unit.sources[0]]
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            for begin in range(info.begin, info.end, COPY_CHUNK) if info.nbytes else [info.begin]:
+                n = min(COPY_CHUNK, info.end - begin)
+                chunk = torch.empty(n, dtype=torch.uint8)
+                read_into(TensorInfo(info.name, info.file, "U8", (n,), begin, begin + n), chunk, fd)
+                yield ("copy", unit, (info.dtype, chunk))
+        finally:
+            os.close(fd)
+        return
+    loaded = []
+    for name in unit.sources:
+        info = tensors[name]
+        t = torch.empty(info.shape, dtype=info.torch_dtype, pin_memory=pin)
+        read_into(info, t)
+        loaded.append(t)
+    yield (unit.kind, unit, loaded)
+
+
+def _compute(item: tuple, plan: ConversionPlan, layout: Layout, device: torch.device, stats: dict) -> tuple[list, int]:
+    """Output tensors (CPU, in the unit's output order) and the source bytes they account for."""
+    kind, unit, data = item
+    if kind == "copy":
+        dtype, chunk = data
+        _check_finite(unit.sources[0], dtype, chunk)
+        return [chunk], chunk.numel()
+    n = len(unit.modules)
+    weights, scales = data[:n], data[n:]
+    if kind == "fp8":
+        block = plan.fp8_blocks[unit.sources[0]]
+        check_fp8_block(weights[0], scales[0], block, unit.sources[0])
+        return layout.fp8_tensors(weights[0], scales[0]), unit.source_bytes
+    xs = [
+        dequantize_fp8_blocks(w.to(device, non_blocking=True), s.to(device, non_blocking=True),
+                              plan.fp8_blocks[name], name)
+        for w, s, name in zip(weights, scales, unit.sources[:n])
+    ]
+    qs, rule = quantize_group(xs, plan.options.scale_policy, [m + ".weight" for m in unit.modules])
+    out = []
+    for module, x, q in zip(unit.modules, xs, qs):
+        err = reconstruction_error(x, dequantize_nvfp4(q)) if rule != "exact" else {"sqnr_db": math.inf, "rel_error": 0.0}
+        stats[module] = {"rule": rule, "global_scale": float(q.global_scale), **err}
+        cpu = NVFP4Tensor(q.packed.cpu(), q.block_scale.cpu(), q.global_scale.cpu())
+        out += layout.nvfp4_tensors(cpu, plan.activation_amax.get(module))
+    return out, unit.source_bytes
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _check_finite(name: str, dtype: str, chunk: torch.Tensor) -> None:
+    """NaN/Inf in a copied floating-point tensor is refused: it would be served as is."""
+    if dtype in _FLOAT_DTYPES and not bool(torch.isfinite(chunk.view(DTYPES[dtype])).all()):
+        raise ConvertError(f"source tensor {name} holds NaN or Inf values")
