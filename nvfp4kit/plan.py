@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from . import __version__
 from .checkpoint import Checkpoint, configured_block_size, scale_of, weight_of_scale
 from .fp8 import FP8FormatError, infer_block_size
-from .layouts import Layout, quantization_config
+from .layouts import Layout, LayoutError, quantization_config
 from .nvfp4 import NVFP4FormatError, check_quantizable
 from .rules import Action, Overrides, RuleError, decide, fused_group, joint_scale_group, module_name
 from .safetensors_io import TensorSpec
@@ -28,7 +28,11 @@ SCALE_POLICIES = ("auto", "reference")
 
 
 class PlanError(ValueError):
-    """The checkpoint or the flags cannot be converted; the message lists every reason."""
+    """The checkpoint or the flags cannot be converted; the message lists every reason, ``problems`` each one."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [message])
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,10 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     problems += pair_problems
     if options.scale_policy not in SCALE_POLICIES:
         problems.append(f"--scale-policy must be one of {SCALE_POLICIES}, got {options.scale_policy!r}")
-    layout = Layout(options.format, w4a4=activation_amax is not None)
+    try:
+        layout = Layout(options.format, w4a4=activation_amax is not None)
+    except LayoutError as e:  # a flag problem: listed with the others rather than raised alone
+        problems.append(str(e))
 
     actions: dict[str, str] = {}
     scales = set(pairs.values())
@@ -176,7 +183,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
         elif name not in scales:
             actions[name] = Action.KEEP.value
     problems += _fused_group_problems(actions)
-    if layout.w4a4:
+    if activation_amax is not None:
         missing = [m for m, a in actions.items() if a == Action.QUANTIZE.value and m not in activation_amax]
         bad = [m for m, a in (activation_amax or {}).items() if not (0 < a < float("inf"))]
         if missing:
@@ -184,7 +191,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
         if bad:
             problems.append(f"--activation-scales has non-finite or non-positive amax for {bad[:3]}")
     if problems:
-        raise PlanError(f"{ckpt.root}: cannot convert:\n  - " + "\n  - ".join(problems))
+        raise PlanError(f"{ckpt.root}: cannot convert:\n  - " + "\n  - ".join(problems), problems)
 
     units = _units(ckpt, pairs, actions, layout, options)
     shards = _pack_shards(units, options.max_shard_size)
