@@ -1,0 +1,26 @@
+"""Shared fixtures: one tiny synthetic V4 FP8 checkpoint per test session (nvfp4kit.synthetic)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nvfp4kit.synthetic import generate
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_src(tmp_path_factory) -> str:
+    """Folder of the ``tiny`` preset checkpoint, seed 0. Read-only: tests that modify files must copy it first."""
+    dst = tmp_path_factory.mktemp("tiny_src")
+    generate(str(dst), preset="tiny", seed=TINY_SEED)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_src) -> dict:
+    """The tiny checkpoint's config.json."""
+    with open(f"{tiny_src}/config.json") as f:
+        return json.load(f)
