@@ -1,0 +1,429 @@
+"""What a source checkpoint holds and what Path A will make of it, from the index and the headers alone.
+
+:func:`checkpoint_facts` gathers the facts into a JSON-ready dict (``inspect_model.py --json`` writes it; verify and
+the converter's ``--dry-run`` may reuse it); :func:`render_report` turns that dict into the text report. No tensor
+data is read, so the time taken depends on the number of tensors, never on their bytes.
+
+Nothing here decides anything on its own: categories and actions come from the rule table (``rules``), FP8
+pairing and block sizes from ``plan.fp8_pairs``, the problems that block conversion, the global-scale groups and
+the output size from ``plan.build_plan``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TextIO
+
+from .checkpoint import INDEX_NAME, Checkpoint, CheckpointError, configured_block_size, open_checkpoint
+from .plan import ConversionPlan, Options, PlanError, build_plan, fp8_pairs, source_fingerprint
+from .rules import RULES, UNKNOWN, RuleError, collapse, decide, is_mtp, module_name, rule_for
+
+# Report order of the categories: the rule table's order, then anything unknown.
+CATEGORIES = tuple(dict.fromkeys(r.category for r in RULES + (UNKNOWN,)))
+SCALE_FORMS = {"F8_E8M0": "UE8M0", "F32": "F32 multiplier"}
+INDEX_TOKENS = ("L", "E", "M")  # the placeholders rules.collapse writes: layer, expert, MTP block
+# One routed expert, the shared experts or the router of one layer (for the instance counts).
+_INSTANCE = re.compile(r"^(.*?\.(?:experts\.\d+|shared_experts|ffn\.gate))(?:\.|$)")
+EXIT_OK, EXIT_PROBLEMS = 0, 2
+
+
+@dataclass
+class _PatternRow:
+    """One collapsed name pattern; an FP8 weight's row also accounts for its scale companion."""
+
+    pattern: str
+    category: str
+    count: int = 0
+    dtypes: Counter = field(default_factory=Counter)
+    shapes: Counter = field(default_factory=Counter)
+    indices: dict[str, set[int]] = field(default_factory=dict)
+    scale_forms: Counter = field(default_factory=Counter)
+    blocks: Counter = field(default_factory=Counter)
+    source_bytes: int = 0
+    actions: Counter = field(default_factory=Counter)
+    output_bytes: int = 0
+
+    def as_json(self) -> dict:
+        return {
+            "pattern": self.pattern,
+            "category": self.category,
+            "count": self.count,
+            "dtypes": dict(self.dtypes),
+            "shapes": {_shape_text(s): n for s, n in self.shapes.items()},
+            "indices": {k: sorted(v) for k, v in self.indices.items()},
+            "scale_forms": dict(self.scale_forms),
+            "blocks": {f"{b[0]}x{b[1]}": n for b, n in self.blocks.items()},
+            "source_bytes": self.source_bytes,
+            "actions": dict(self.actions),
+            "output_bytes": self.output_bytes,
+        }
+
+
+# --- facts ------------------------------------------------------------------------------------------------------
+def checkpoint_facts(ckpt: Checkpoint, options: Options = Options()) -> dict:
+    """Everything the report says, as plain JSON types. ``convertible`` is False when any problem blocks Path A."""
+    pairs, blocks, _ = fp8_pairs(ckpt)
+    plan, problems = _try_plan(ckpt, options)
+    scale_of_weight = pairs
+    scales = set(pairs.values())
+    rows: dict[str, _PatternRow] = {}
+    categories: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
+    instances: dict[str, set[str]] = {"routed_expert": set(), "shared_expert": set(), "router": set()}
+    for name, info in ckpt.tensors.items():
+        module = module_name(name)
+        category = rule_for(module).category
+        cat = categories[category]
+        cat["tensors"] += 1
+        cat["source_bytes"] += info.nbytes
+        cat["mtp_tensors"] += is_mtp(name)
+        instance = _INSTANCE.match(name)
+        if category in instances and instance:
+            instances[category].add(instance.group(1))
+        if name in scales:
+            continue  # accounted for in its weight's row
+        pattern = collapse(name)
+        row = rows.get(pattern) or rows.setdefault(pattern, _PatternRow(pattern, category))
+        row.count += 1
+        row.dtypes[info.dtype] += 1
+        row.shapes[info.shape] += 1
+        for token, value in _indices(pattern, name).items():
+            row.indices.setdefault(token, set()).add(value)
+        row.source_bytes += info.nbytes
+        scale = scale_of_weight.get(name)
+        if scale is not None:
+            row.scale_forms[SCALE_FORMS.get(ckpt.tensors[scale].dtype, ckpt.tensors[scale].dtype)] += 1
+            row.source_bytes += ckpt.tensors[scale].nbytes
+            if name in blocks:
+                row.blocks[blocks[name]] += 1
+        row.actions[_action(module if scale else name, scale is not None, options)] += 1
+    if plan is not None:
+        _add_output_bytes(plan, rows, categories)
+    ordered = sorted(rows.values(), key=lambda r: (CATEGORIES.index(r.category), r.pattern))
+    return {
+        "source": _source_facts(ckpt),
+        "patterns": [r.as_json() for r in ordered],
+        "categories": {c: dict(n) for c, n in categories.items() if n["tensors"]},
+        "counts": _counts(ckpt, instances),
+        "fp8": {
+            "weights": len(pairs),
+            "scale_forms": dict(sum((r.scale_forms for r in ordered), Counter())),
+            "blocks": {f"{b[0]}x{b[1]}": n for b, n in Counter(blocks.values()).items()},
+            "configured_block": list(configured_block_size(ckpt.config) or []) or None,
+        },
+        "plan": _plan_facts(plan, options),
+        "notes": _notes(ckpt, instances),
+        "problems": problems,
+        "convertible": not problems,
+    }
+
+
+def _try_plan(ckpt: Checkpoint, options: Options) -> tuple[ConversionPlan | None, list[str]]:
+    """The converter's own plan, or the problems that stop it (checkpoint, pairing and flag problems alike)."""
+    try:
+        return build_plan(ckpt, options), []
+    except PlanError as e:
+        return None, e.problems
+
+
+def _action(module: str, is_fp8_with_scale: bool, options: Options) -> str:
+    """The rule table's verdict (the converter's own ``decide``); a refused override shows as ``refused``."""
+    try:
+        return decide(module, is_fp8_with_scale, options.overrides).value
+    except RuleError:
+        return "refused"
+
+
+@lru_cache(maxsize=None)
+def _index_regex(pattern: str) -> re.Pattern[str]:
+    """Regex that takes the indices back out of a name, built from the pattern ``rules.collapse`` wrote."""
+    rx = re.escape(pattern)
+    for token in INDEX_TOKENS:
+        rx = rx.replace(re.escape("{" + token + "}"), rf"(?P<{token}>\d+)")
+    return re.compile(rx + "$")
+
+
+def _indices(pattern: str, name: str) -> dict[str, int]:
+    m = _index_regex(pattern).match(name)
+    return {k: int(v) for k, v in m.groupdict().items()} if m else {}
+
+
+def _add_output_bytes(plan: ConversionPlan, rows: dict[str, _PatternRow], categories: dict[str, Counter]) -> None:
+    """Attribute every planned output tensor to the source pattern (and category) it comes from."""
+    for unit in plan.units:
+        for spec in unit.outputs:
+            if unit.kind == "copy":
+                source = unit.modules[0]
+            else:  # an NVFP4 group or a kept FP8 module: outputs are named ``<module>.<something>``
+                source = next(m for m in unit.modules if spec.name.startswith(m + ".")) + ".weight"
+            rows[collapse(source)].output_bytes += spec.nbytes
+            categories[rows[collapse(source)].category]["output_bytes"] += spec.nbytes
+
+
+def _source_facts(ckpt: Checkpoint) -> dict:
+    return {
+        "root": ckpt.root,
+        "index": INDEX_NAME if ckpt.weight_map is not None else None,
+        "shards": len(ckpt.shards),
+        "tensors": len(ckpt.tensors),
+        "bytes": ckpt.total_bytes,
+        "index_total_size": ckpt.index_total_size,
+        "fingerprint": source_fingerprint(ckpt),
+        "config": {
+            k: ckpt.config.get(k)
+            for k in ("architectures", "num_hidden_layers", "n_routed_experts", "n_shared_experts",
+                      "num_nextn_predict_layers", "quantization_config")
+            if k in ckpt.config
+        },
+    }
+
+
+def _counts(ckpt: Checkpoint, instances: dict[str, set[str]]) -> dict:
+    per_layer = Counter(e.rsplit(".experts.", 1)[0] for e in instances["routed_expert"])
+    layers = {int(n.split(".")[1]) for n in ckpt.tensors if n.startswith("layers.")}
+    mtp = {int(n.split(".")[1]) for n in ckpt.tensors if is_mtp(n)}
+    return {
+        "decoder_layers": len(layers),
+        "mtp_blocks": len(mtp),
+        "routed_experts": len(instances["routed_expert"]),
+        "routed_experts_per_layer": sorted(set(per_layer.values())),
+        "shared_experts": len(instances["shared_expert"]),
+        "routers": len(instances["router"]),
+        "mtp_tensors": sum(is_mtp(n) for n in ckpt.tensors),
+    }
+
+
+def _notes(ckpt: Checkpoint, instances: dict[str, set[str]]) -> list[str]:
+    """Disagreements with config.json that do not stop a conversion but deserve a look."""
+    notes = []
+    cfg = ckpt.config
+    layers = {int(n.split(".")[1]) for n in ckpt.tensors if n.startswith("layers.")}
+    if "num_hidden_layers" in cfg and layers != set(range(cfg["num_hidden_layers"])):
+        notes.append(f"config.json has num_hidden_layers {cfg['num_hidden_layers']}, the tensors cover layers "
+                     f"{format_indices(layers) or 'none'}")
+    per_layer = Counter(e.rsplit(".experts.", 1)[0] for e in instances["routed_expert"])
+    odd = {prefix: n for prefix, n in per_layer.items() if n != cfg.get("n_routed_experts", n)}
+    if odd:
+        first = sorted(odd)[0]
+        notes.append(f"config.json has n_routed_experts {cfg['n_routed_experts']}, but {len(odd)} layers differ "
+                     f"(e.g. {first} has {odd[first]})")
+    return notes
+
+
+def _plan_facts(plan: ConversionPlan | None, options: Options) -> dict:
+    facts: dict = {"options": options.as_json(), "built": plan is not None}
+    if plan is None:
+        return facts
+    by_kind: Counter = Counter()
+    groups: Counter = Counter()
+    for unit in plan.units:
+        by_kind[unit.kind] += sum(s.nbytes for s in unit.outputs)
+        if unit.kind == "nvfp4":
+            groups[tuple(collapse(m) for m in unit.modules)] += 1
+    facts.update({
+        "output_bytes": plan.output_bytes,
+        "output_bytes_by_kind": dict(by_kind),
+        "output_shards": len(plan.shards),
+        "global_scale_groups": [{"members": list(g), "groups": n} for g, n in sorted(groups.items())],
+        "quantization_config": plan.quantization_config,
+    })
+    return facts
+
+
+# --- text ---------------------------------------------------------------------------------------------------------
+GB = 10**9
+MB = 10**6
+ACTION_TEXT = {"quantize": "NVFP4", "keep_fp8": "keep FP8", "keep": "keep", "refused": "REFUSED"}
+PATTERN_WIDTH = 52  # the longest V4 pattern (layers.{L}.attn.indexer.compressor.wgate.weight) is 48; cut longer
+
+
+def render_report(facts: dict) -> str:
+    """The text report of :func:`checkpoint_facts`: aligned columns, sizes with 2 decimals, lines under ~150."""
+    unit, unit_name = (GB, "GB") if facts["source"]["bytes"] >= GB else (MB, "MB")  # a tiny checkpoint is all 0.00 GB
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else f"{n / unit:.2f}"
+
+    out: list[str] = []
+    out += _render_source(facts["source"], size, unit_name)
+    out += _render_patterns(facts["patterns"], size, unit_name)
+    out += _render_categories(facts, size, unit_name)
+    out += _render_fp8(facts["fp8"])
+    out += _render_plan(facts["plan"], facts["source"]["bytes"], size, unit_name)
+    out += ([""] if facts["notes"] else []) + [f"note: {n}" for n in facts["notes"]]
+    out += _render_problems(facts["problems"])
+    return "\n".join(out) + "\n"
+
+
+def _render_source(src: dict, size, unit: str) -> list[str]:
+    cfg = src["config"]
+    q = cfg.get("quantization_config") or {}
+    lines = [
+        f"checkpoint  {src['root']}",
+        f"  files     {src['shards']} shard(s), " + (f"index {src['index']}" if src["index"] else "no index"),
+        f"  tensors   {src['tensors']:,}, {size(src['bytes'])} {unit} ({src['bytes']:,} bytes)"
+        + (f"; index total_size {src['index_total_size']:,}" if src["index_total_size"] is not None else ""),
+    ]
+    if cfg:
+        lines.append(
+            f"  config    {','.join(cfg.get('architectures') or ['?'])}: {cfg.get('num_hidden_layers', '?')} layers, "
+            f"{cfg.get('n_routed_experts', '?')} routed + {cfg.get('n_shared_experts', '?')} shared experts, "
+            f"{cfg.get('num_nextn_predict_layers', 0)} MTP; quantization {q.get('quant_method', 'none')} "
+            f"{q.get('fmt', '')} scale {q.get('scale_fmt', '-')} block {q.get('weight_block_size', '-')}"
+        )
+    return lines
+
+
+def _render_patterns(patterns: list[dict], size, unit: str) -> list[str]:
+    header = ("pattern", "n", "dtype", "shape", "indices", "fp8 scale", f"src {unit}", "action", f"out {unit}")
+    width = min(PATTERN_WIDTH, max([len(p["pattern"]) for p in patterns] + [7]))
+    widths = (width, 7, 7, 18, 16, 14, 8, 8, 8)
+    right = {1, 6, 8}
+    lines = ["", f"TENSOR PATTERNS ({{L}} layer, {{E}} routed expert, {{M}} MTP block; an FP8 row includes its scale)"]
+    lines.append(_table_line(header, widths, right))
+    current = None
+    for p in patterns:
+        if p["category"] != current:
+            current = p["category"]
+            lines.append(f"[{current}]")
+        lines.append(_table_line((
+            p["pattern"],
+            f"{p['count']:,}",
+            "/".join(p["dtypes"]),
+            _shapes_text(p["shapes"]),
+            " ".join(f"{k} {format_indices(v)}" for k, v in p["indices"].items()) or "-",
+            _scale_text(p["scale_forms"], p["blocks"]),
+            size(p["source_bytes"]),
+            "/".join(ACTION_TEXT[a] for a in p["actions"]),
+            size(p["output_bytes"]) if p["output_bytes"] or not p["actions"] else "-",
+        ), widths, right))
+    return lines
+
+
+def _render_categories(facts: dict, size, unit: str) -> list[str]:
+    header, widths, right = ("category", "tensors", "of them MTP", f"src {unit}", f"out {unit}"), (16, 9, 12, 10, 10), {1, 2, 3, 4}
+    lines = ["", "CATEGORIES", _table_line(header, widths, right)]
+    for cat, n in facts["categories"].items():
+        out = size(n.get("output_bytes")) if facts["plan"]["built"] else "-"
+        lines.append(_table_line((cat, f"{n['tensors']:,}", f"{n.get('mtp_tensors', 0):,}", size(n["source_bytes"]), out),
+                                 widths, right))
+    c = facts["counts"]
+    lines += [
+        "",
+        f"counts: {c['decoder_layers']} decoder layers + {c['mtp_blocks']} MTP block(s); "
+        f"{c['routed_experts']:,} routed experts ({'/'.join(map(str, c['routed_experts_per_layer'])) or 0} per layer), "
+        f"{c['shared_experts']} shared experts, {c['routers']} routers, {c['mtp_tensors']:,} MTP tensors",
+    ]
+    return lines
+
+
+def _render_fp8(fp8: dict) -> list[str]:
+    forms = ", ".join(f"{n:,} {f}" for f, n in fp8["scale_forms"].items()) or "none"
+    blocks = ", ".join(f"{n:,} of {b}" for b, n in fp8["blocks"].items()) or "none"
+    configured = "x".join(map(str, fp8["configured_block"])) if fp8["configured_block"] else "not set"
+    return ["", f"FP8: {fp8['weights']:,} weights with a scale; scales: {forms}; blocks: {blocks} "
+                f"(config weight_block_size: {configured})"]
+
+
+def _render_plan(plan: dict, source_bytes: int, size, unit: str) -> list[str]:
+    o = plan["options"]
+    flags = f"--format {o['format']} --joint-scale {o['joint_scale']}" + "".join(
+        f" --{k} {p}" for k in ("quantize", "keep") for p in o["overrides"][k])
+    lines = ["", f"PATH A ({flags})"]
+    if not plan["built"]:
+        return lines + ["  no plan: the problems below block the conversion"]
+    lines.append("  NVFP4 global scales:")
+    for g in plan["global_scale_groups"]:
+        what = "share one global scale" if len(g["members"]) > 1 else "has its own global scale"
+        lines.append(f"    {_members_text(g['members']):<60} {what} ({g['groups']:,} groups)")
+    if not plan["global_scale_groups"]:
+        lines.append("    none (nothing is quantized)")
+    kinds = plan["output_bytes_by_kind"]
+    lines.append("  expected output: " + ", ".join(
+        f"{k} {size(kinds.get(k, 0))} {unit}" for k in ("nvfp4", "fp8", "copy")))
+    lines.append(f"  expected output size: {plan['output_bytes'] / GB:.2f} GB ({plan['output_bytes']:,} bytes) in "
+                 f"{plan['output_shards']} shard(s); source {source_bytes / GB:.2f} GB")
+    return lines
+
+
+def _render_problems(problems: list[str]) -> list[str]:
+    if not problems:
+        return ["", "RESULT: convertible (no problems found)"]
+    return ["", f"PROBLEMS ({len(problems)})"] + [f"  - {p}" for p in problems] + [
+        "", f"RESULT: NOT convertible ({len(problems)} problem(s) above)"]
+
+
+def _table_line(cells: tuple, widths: tuple, right: set[int]) -> str:
+    parts = []
+    for i, (cell, w) in enumerate(zip(cells, widths)):
+        cell = str(cell)
+        cell = cell if len(cell) <= w else cell[: w - 1] + "…"
+        parts.append(cell.rjust(w) if i in right else cell.ljust(w))
+    return " ".join(parts).rstrip()
+
+
+def _shape_text(shape: tuple | list) -> str:
+    return "[" + ",".join(map(str, shape)) + "]"
+
+
+def _shapes_text(shapes: dict[str, int]) -> str:
+    """The most common shape, plus how many others there are."""
+    ordered = sorted(shapes, key=lambda s: -shapes[s])
+    return ordered[0] + (f" +{len(ordered) - 1}" if len(ordered) > 1 else "") if ordered else "-"
+
+
+def _scale_text(forms: dict[str, int], blocks: dict[str, int]) -> str:
+    if not forms:
+        return "-"
+    return "/".join(f.split()[0] for f in forms) + " " + ("/".join(blocks) or "no block")
+
+
+def _members_text(members: list[str]) -> str:
+    """``a.b.w1`` + ``a.b.w3`` -> ``a.b.w1 + w3``."""
+    first, rest = members[0], members[1:]
+    prefix = first.rsplit(".", 1)[0] + "."
+    return " + ".join([first] + [m[len(prefix):] if m.startswith(prefix) else m for m in rest])
+
+
+def format_indices(values) -> str:
+    """``[0, 1, 3, 5, 7]`` -> ``0,1,3-7/2``: runs with a constant step of three or more values are ranges."""
+    v = sorted(set(values))
+    parts: list[str] = []
+    i = 0
+    while i < len(v):
+        j = i + 1
+        if j < len(v):
+            step = v[j] - v[i]
+            while j + 1 < len(v) and v[j + 1] - v[j] == step:
+                j += 1
+            if j - i >= 2:
+                parts.append(f"{v[i]}-{v[j]}" + (f"/{step}" if step > 1 else ""))
+                i = j + 1
+                continue
+        parts.append(str(v[i]))
+        i += 1
+    return ",".join(parts)
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+def inspect_checkpoint(src: str, options: Options, json_path: str | None = None, out: TextIO | None = None) -> int:
+    """``inspect_model.py``: print the report, write the facts as JSON if asked; 0 if convertible, else 2."""
+    out = out or sys.stdout
+    try:
+        ckpt = open_checkpoint(src)
+    except CheckpointError as e:  # not even a checkpoint: there is nothing else to report
+        facts = {"source": {"root": os.path.abspath(src)}, "problems": [str(e)], "convertible": False}
+        out.write("\n".join(_render_problems(facts["problems"])).lstrip("\n") + "\n")
+    else:
+        facts = checkpoint_facts(ckpt, options)
+        out.write(render_report(facts))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(facts, f, indent=1)
+            f.write("\n")
+    return EXIT_OK if facts["convertible"] else EXIT_PROBLEMS
