@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -341,19 +342,23 @@ def trained_like(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     return z
 
 
-def chunked_rows(shape: tuple[int, int], gen: torch.Generator, dtype: torch.dtype, step: int) -> list[torch.Tensor]:
-    """``trained_like`` drawn ``step`` rows at a time: bounded memory for the 129280 x 7168 embedding."""
+def row_chunks(shape: tuple[int, int], gen: torch.Generator) -> Iterator[tuple[int, torch.Tensor]]:
+    """``trained_like`` values of ``shape`` drawn a few million elements at a time, as (first row, float32 chunk).
+
+    Chunks are whole 128-row FP8 block rows, so quantizing chunk by chunk equals quantizing the whole; memory stays
+    bounded for the 129280 x 7168 embedding of the ``pro-layers`` preset.
+    """
     out_dim, in_dim = shape
-    return [trained_like((min(step, out_dim - r), in_dim), gen).to(dtype) for r in range(0, out_dim, step)]
-
-
-def row_step(shape: tuple[int, int]) -> int:
-    """Rows per chunk: about 16 M elements, a multiple of the FP8 block height."""
-    return max(BLOCK, (16 * 2**20 // max(1, shape[1])) // BLOCK * BLOCK)
+    step = max(BLOCK, (16 * 2**20 // max(1, in_dim)) // BLOCK * BLOCK)
+    for row in range(0, out_dim, step):
+        yield row, trained_like((min(step, out_dim - row), in_dim), gen)
 
 
 def make_bf16(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {r.name: torch.cat(chunked_rows(r.shape, gen, torch.bfloat16, row_step(r.shape)))}
+    out = torch.empty(r.shape, dtype=torch.bfloat16)
+    for row, chunk in row_chunks(r.shape, gen):
+        out[row : row + len(chunk)] = chunk
+    return {r.name: out}
 
 
 def make_fp8(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -361,12 +366,13 @@ def make_fp8(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[
 
     The F32 variant stores the same power-of-two values as float32 (layout doc §5.2), so both share the weight bytes.
     """
-    weights, scales = [], []
-    for chunk in chunked_rows(r.shape, gen, torch.float32, row_step(r.shape)):
+    weight = torch.empty(r.shape, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(math.ceil(r.shape[0] / BLOCK), math.ceil(r.shape[1] / BLOCK), dtype=torch.float8_e8m0fnu)
+    for row, chunk in row_chunks(r.shape, gen):
         w, s = quantize_fp8_blocks(chunk, (BLOCK, BLOCK), torch.float8_e8m0fnu)
-        weights.append(w)
-        scales.append(s)
-    return {r.name + ".weight": torch.cat(weights), r.name + ".scale": torch.cat(scales).to(scale_dtype)}
+        weight[row : row + len(w)] = w
+        scale[row // BLOCK : row // BLOCK + len(s)] = s
+    return {r.name + ".weight": weight, r.name + ".scale": scale.to(scale_dtype)}
 
 
 def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
