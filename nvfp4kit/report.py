@@ -391,22 +391,23 @@ def _members_text(members: list[str]) -> str:
 
 
 def format_indices(values) -> str:
-    """``[0, 1, 3, 5, 7]`` -> ``0,1,3-7/2``: runs with a constant step of three or more values are ranges."""
+    """``[0, 1, 3, 5, 7]`` -> ``0,1,3-7/2``: consecutive values first, then runs of three or more with one step."""
     v = sorted(set(values))
     parts: list[str] = []
     i = 0
     while i < len(v):
-        j = i + 1
-        if j < len(v):
-            step = v[j] - v[i]
-            while j + 1 < len(v) and v[j + 1] - v[j] == step:
-                j += 1
-            if j - i >= 2:
-                parts.append(f"{v[i]}-{v[j]}" + (f"/{step}" if step > 1 else ""))
-                i = j + 1
-                continue
-        parts.append(str(v[i]))
-        i += 1
+        j = i
+        step = v[i + 1] - v[i] if i + 1 < len(v) else 1
+        while j + 1 < len(v) and v[j + 1] - v[j] == step:
+            j += 1
+        if step == 1 and j > i:  # consecutive: a range, or two plain values
+            parts.append(f"{v[i]}-{v[j]}" if j - i >= 2 else f"{v[i]},{v[j]}")
+        elif j - i >= 2:
+            parts.append(f"{v[i]}-{v[j]}/{step}")
+        else:
+            parts.append(str(v[i]))
+            j = i
+        i = j + 1
     return ",".join(parts)
 
 
