@@ -427,27 +427,29 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
             while writes.get() is not _DONE:  # drain so the compute loop never blocks
                 pass
 
-    with open(partial, "wb") as f:
-        header = encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__}"})
-        f.write(header)
-        h.update(header)
-        size += len(header)
-        threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, args=(f,), daemon=True)]
-        for t in threads:
-            t.start()
-        try:
-            while (item := reads.get()) is not _DONE:
-                writes.put(_compute(item, plan, layout, device, stats))
-                if failure:
-                    break
-        finally:
-            writes.put(_DONE)
-            threads[1].join()
-        if failure:
-            os.remove(partial)
-            raise failure[0]
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(partial, "wb") as f:
+            header = encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__}"})
+            f.write(header)
+            h.update(header)
+            size += len(header)
+            threads = [threading.Thread(target=reader, daemon=True),
+                       threading.Thread(target=writer, args=(f,), daemon=True)]
+            for t in threads:
+                t.start()
+            try:
+                while (item := reads.get()) is not _DONE and not failure:
+                    writes.put(_compute(item, plan, layout, device, stats))
+            finally:
+                writes.put(_DONE)
+                threads[1].join()
+            if failure:
+                raise failure[0]
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.remove(partial)  # never leave a half-written shard behind
+        raise
     expected = len(header) + sum(s.nbytes for s in specs)
     if size != expected:
         os.remove(partial)

@@ -111,7 +111,7 @@ def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
 
 def read_into(info: TensorInfo, out: torch.Tensor, fd: int | None = None) -> None:
     """Fill ``out`` (contiguous CPU, e.g. a pinned buffer) with the tensor's bytes."""
-    view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
     assert len(view) >= info.nbytes
     own = fd is None
     if own:

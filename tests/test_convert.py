@@ -1,0 +1,255 @@
+"""Path A end to end on the tiny synthetic checkpoint: bytes, scales, resume, workers, refusals."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
+from nvfp4kit.convert import ConvertError, Settings, convert
+from nvfp4kit.hf_model import dequantized_source
+from nvfp4kit.nvfp4 import NVFP4Tensor, dequantize_nvfp4
+from nvfp4kit.plan import Options, PlanError
+from nvfp4kit.safetensors_io import read_tensor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "fp8_to_nvfp4_streaming.py")
+SMALL_SHARDS = 3 * 10**6  # several output shards from the tiny checkpoint, so resume has something to skip
+
+
+def run_convert(src: str, dst: str, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, SCRIPT, "--src", src, "--dst", dst, "--device", "cpu", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def tensor_files(folder: str) -> list[str]:
+    """Everything a user keeps: the kit's state folder and the lock are bookkeeping, the report has timings."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != ".nvfp4kit"]
+        out += [os.path.relpath(os.path.join(root, f), folder) for f in files
+                if f not in (".nvfp4kit.lock", "conversion_report.json")]
+    return sorted(out)
+
+
+def assert_same_output(a: str, b: str) -> None:
+    files = tensor_files(a)
+    assert files == tensor_files(b)
+    _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert not mismatch and not errors, f"files differ: {mismatch + errors}"
+
+
+def load(out: str, name: str) -> torch.Tensor:
+    return read_tensor(open_checkpoint(out).tensors[name])
+
+
+def nvfp4_of(out: str, module: str) -> NVFP4Tensor:
+    """A compressed-tensors layout module as the kit's NVFP4Tensor (global scale = 1 / weight_global_scale)."""
+    ck = open_checkpoint(out)
+    get = lambda suffix: read_tensor(ck.tensors[f"{module}.{suffix}"])  # noqa: E731
+    return NVFP4Tensor(get("weight_packed"), get("weight_scale"), (1.0 / get("weight_global_scale")).reshape(()))
+
+
+@pytest.fixture(scope="module")
+def default_out(tiny_src, tmp_path_factory) -> str:
+    dst = str(tmp_path_factory.mktemp("out") / "default")
+    run_convert(tiny_src, dst, "--workers", "1", "--max-shard-size", str(SMALL_SHARDS))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def reference_modelopt_out(tiny_src, tmp_path_factory) -> str:
+    dst = str(tmp_path_factory.mktemp("out") / "ref-modelopt")
+    convert(tiny_src, dst, Options(format="modelopt", scale_policy="reference"), Settings())
+    return dst
+
+
+def quantized_modules(out: str) -> list[str]:
+    with open(os.path.join(out, ".nvfp4kit", "plan.json")) as f:
+        return sorted(m for m, a in json.load(f)["actions"].items() if a == "quantize")
+
+
+def test_default_output_is_complete_and_exact(tiny_src, default_out):
+    ck = open_checkpoint(default_out)
+    assert ck.problems == []
+    assert len(ck.shards) > 1
+    src = dequantized_source(open_checkpoint(tiny_src))
+    modules = quantized_modules(default_out)
+    assert any(m.startswith("mtp.") for m in modules), "MTP experts must be quantized like the trunk's"
+    for module in modules:
+        # The generator's experts are MXFP4 cast to FP8: the default policy must hold them with no loss at all.
+        assert torch.equal(dequantize_nvfp4(nvfp4_of(default_out, module)), src(module + ".weight")), module
+    with open(os.path.join(default_out, "conversion_report.json")) as f:
+        report = json.load(f)
+    assert report["exact_tensors"] == len(modules)
+    config = json.load(open(os.path.join(default_out, "config.json")))
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"] is None  # W4A16
+
+
+def test_kept_tensors_are_bit_for_bit(tiny_src, default_out):
+    src = open_checkpoint(tiny_src)
+    out = open_checkpoint(default_out)
+    with open(os.path.join(default_out, ".nvfp4kit", "plan.json")) as f:
+        actions = json.load(f)["actions"]
+    for name, action in actions.items():
+        if action == "keep":
+            assert torch.equal(load(default_out, name).view(torch.uint8), read_tensor(src.tensors[name]).view(torch.uint8)), name
+        elif action == "keep_fp8":
+            assert torch.equal(load(default_out, name + ".weight").view(torch.uint8),
+                               read_tensor(src.tensors[name + ".weight"]).view(torch.uint8)), name
+            scale = read_tensor(src.tensors[name + ".scale"]).to(torch.float32)
+            assert torch.equal(load(default_out, name + ".weight_scale"), scale), name
+            assert name + ".scale" not in out.tensors
+    for extra in ("tokenizer.json", "generation_config.json", "encoding", "inference"):
+        assert os.path.exists(os.path.join(default_out, extra)), extra
+
+
+def test_gate_up_share_one_global_scale_also_across_source_shards(tiny_src, default_out):
+    src = open_checkpoint(tiny_src)
+    split = [m[: -len(".w1.weight")] for m in src.tensors
+             if m.endswith(".w1.weight") and ".experts." in m
+             and src.shard_of(m) != src.shard_of(m.replace(".w1.", ".w3."))]
+    assert split, "the generator must place some expert's w1 and w3 in different shards"
+    out = open_checkpoint(default_out)
+    experts = sorted({n.rsplit(".", 2)[0] for n in out.tensors if ".experts." in n and n.endswith("weight_global_scale")})
+    for expert in experts:
+        w1 = load(default_out, f"{expert}.w1.weight_global_scale")
+        w3 = load(default_out, f"{expert}.w3.weight_global_scale")
+        assert torch.equal(w1, w3), expert
+    assert set(split) <= set(experts)
+
+
+def test_reference_policy_bytes_equal_modelopt(tiny_src, reference_modelopt_out):
+    qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    src = dequantized_source(open_checkpoint(tiny_src))
+    checked = 0
+    for module in quantized_modules(reference_modelopt_out):
+        if not module.endswith(".w1"):
+            continue
+        pair = [module, module[:-1] + "3"]
+        xs = [src(m + ".weight") for m in pair]
+        joint = torch.stack([x.abs().amax() for x in xs]).amax()
+        for m, x in zip(pair, xs):
+            packed, block, scale_2 = qtensor.NVFP4QTensor.quantize(x.clone(), 16, weights_scaling_factor_2=joint / 2688)
+            assert torch.equal(load(reference_modelopt_out, m + ".weight"), packed._quantized_data), m
+            assert torch.equal(load(reference_modelopt_out, m + ".weight_scale").view(torch.uint8), block.view(torch.uint8)), m
+            assert torch.equal(load(reference_modelopt_out, m + ".weight_scale_2"), scale_2.reshape(())), m
+            checked += 1
+    assert checked >= 2 * 8
+
+
+def test_one_and_three_workers_write_identical_bytes(tiny_src, default_out, tmp_path):
+    dst = str(tmp_path / "three")
+    run_convert(tiny_src, dst, "--workers", "3", "--max-shard-size", str(SMALL_SHARDS))
+    assert_same_output(default_out, dst)
+
+
+def test_killed_run_resumes_to_identical_bytes(tiny_src, default_out, tmp_path):
+    dst = str(tmp_path / "killed")
+    cmd = [sys.executable, SCRIPT, "--src", tiny_src, "--dst", dst, "--device", "cpu", "--workers", "1",
+           "--max-shard-size", str(SMALL_SHARDS)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = os.path.join(dst, ".nvfp4kit", "manifest.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(manifest) and os.path.getsize(manifest) > 0:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(dst, INDEX_NAME)), "a killed run must not look complete"
+    # Damage one finished shard the way a crash of a naive writer would: the rerun must notice and redo it.
+    finished = [json.loads(line)["name"] for line in open(manifest) if line.strip()]
+    with open(os.path.join(dst, finished[0]), "r+b") as f:
+        f.truncate(1000)
+    run_convert(tiny_src, dst, "--workers", "1", "--max-shard-size", str(SMALL_SHARDS))
+    assert_same_output(default_out, dst)
+
+
+def test_resume_with_other_flags_is_refused_and_restart_works(tiny_src, default_out, tmp_path):
+    dst = str(tmp_path / "flags")
+    shutil.copytree(default_out, dst)
+    proc = run_convert(tiny_src, dst, "--max-shard-size", str(SMALL_SHARDS), "--scale-policy", "reference", check=False)
+    assert proc.returncode == 2
+    assert "different options" in proc.stderr and "--restart" in proc.stderr
+    assert_same_output(default_out, dst)  # nothing lost
+    run_convert(tiny_src, dst, "--max-shard-size", str(SMALL_SHARDS), "--scale-policy", "reference", "--restart")
+    assert open_checkpoint(dst).problems == []
+
+
+def test_rerun_of_a_complete_conversion_rewrites_nothing(tiny_src, default_out, tmp_path):
+    dst = str(tmp_path / "again")
+    shutil.copytree(default_out, dst)
+    before = {f: os.stat(os.path.join(dst, f)).st_mtime_ns for f in tensor_files(dst) if f.endswith(".safetensors")}
+    run_convert(tiny_src, dst, "--workers", "1", "--max-shard-size", str(SMALL_SHARDS))
+    after = {f: os.stat(os.path.join(dst, f)).st_mtime_ns for f in before}
+    assert before == after
+    assert_same_output(default_out, dst)
+
+
+def test_destination_inside_source_is_refused(tiny_src, tmp_path):
+    src = str(tmp_path / "src")
+    shutil.copytree(tiny_src, src)
+    with pytest.raises(ConvertError, match="inside the source"):
+        convert(src, os.path.join(src, "out"), Options(), Settings())
+    assert not os.path.exists(os.path.join(src, "out"))
+
+
+def test_missing_scale_and_nan_weight_are_refused_naming_the_tensor(tiny_src, tmp_path):
+    from nvfp4kit.safetensors_io import read_header, save_file
+
+    src = str(tmp_path / "src")
+    shutil.copytree(tiny_src, src)
+    ck = open_checkpoint(src)
+    victim = "layers.1.ffn.experts.2.w2.weight"
+    shard = ck.tensors[victim].file
+    tensors = {n: read_tensor(i) for n, i in read_header(shard)[0].items()}
+    tensors[victim].view(torch.uint8)[0, 0] = 0x7F  # an E4M3 NaN byte
+    save_file(tensors, shard)
+    with pytest.raises(ConvertError, match=r"layers\.1\.ffn\.experts\.2\.w2"):
+        convert(src, str(tmp_path / "out-nan"), Options(), Settings())
+    assert not any(f.endswith(".partial") for f in os.listdir(tmp_path / "out-nan"))
+
+    del tensors[victim.replace(".weight", ".scale")]
+    save_file(tensors, shard)
+    index = json.load(open(os.path.join(src, INDEX_NAME)))
+    index["weight_map"].pop(victim.replace(".weight", ".scale"), None)
+    index["metadata"]["total_size"] = sum(i.nbytes for i in open_checkpoint(src).tensors.values())
+    json.dump(index, open(os.path.join(src, INDEX_NAME), "w"))
+    with pytest.raises(PlanError, match=r"layers\.1\.ffn\.experts\.2\.w2\.weight .*no scale"):
+        convert(src, str(tmp_path / "out-noscale"), Options(), Settings())
+    assert not os.path.exists(tmp_path / "out-noscale")
+
+
+def test_w4a4_needs_an_activation_amax_for_every_quantized_module(tiny_src, tmp_path):
+    with pytest.raises(PlanError, match="--activation-scales FILE"):
+        convert(tiny_src, str(tmp_path / "n"), Options(format="nvidia"), Settings())
+    modules = [n[: -len(".weight")] for n in open_checkpoint(tiny_src).tensors if ".experts." in n and n.endswith(".weight")]
+    scales = tmp_path / "act.json"
+    scales.write_text(json.dumps({"input_amax": {m: 1.0 + i for i, m in enumerate(modules[1:])}}))
+    with pytest.raises(PlanError, match="no input amax for 1 quantized modules"):
+        convert(tiny_src, str(tmp_path / "w4a4"), Options(), Settings(), activation_scales=str(scales))
+    scales.write_text(json.dumps({"input_amax": {m: 1.0 + i for i, m in enumerate(modules)}}))
+    dst = str(tmp_path / "w4a4")
+    convert(tiny_src, dst, Options(), Settings(), activation_scales=str(scales))
+    for i, m in enumerate(modules):
+        assert torch.equal(load(dst, m + ".input_global_scale"), torch.tensor([2688.0 / (1.0 + i)])), m
+
+
+def test_dry_run_writes_nothing(tiny_src, tmp_path):
+    proc = run_convert(tiny_src, str(tmp_path / "dry"), "--dry-run")
+    assert "expected" in proc.stderr
+    assert not os.path.exists(tmp_path / "dry")
