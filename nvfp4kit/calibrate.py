@@ -1,0 +1,566 @@
+"""Path B: calibrate NVFP4 W4A4 with llm-compressor's ``oneshot`` and write the checkpoint vLLM loads.
+
+The job, top to bottom (:func:`quantize_with_llmcompressor`):
+
+1. refuse a non-empty destination (unless ``overwrite``); plan with Path A's rule table (:mod:`nvfp4kit.plan`):
+   the modules Path A quantizes are exactly the ones calibrated here, everything else is ignored;
+2. **stage**: dequantize the FP8 source with the kit's own FP8 code into a BF16 checkpoint under
+   ``offload_dir/staging`` (DeepSeek's names, no MTP, no ``.scale``), one shard at a time, resumable;
+3. **load** transformers' ``DeepseekV4ForCausalLM`` from it with compressed-tensors' disk offload, linearize the
+   routed experts into per-expert ``nn.Linear`` (llm-compressor's generic V4 entry), and cast the norms that
+   transformers keeps in float32 to the compute dtype (a float32 norm output into a BF16 Linear is a dtype error);
+4. **calibrate**: ``oneshot(pipeline="sequential", sequential_targets=["DeepseekV4DecoderLayer"])`` with
+   ``QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=<every Linear the rule table keeps>)``;
+   llm-compressor's MoE calibration context runs every routed expert on every token while the router's real
+   top-k weights make the layer output, so each expert sees activations; saved with ``save_compressed=True``;
+5. **collect** each quantized module's compressed tensors from that save (names checked one by one), derive the
+   per-module input amax (``2688 / input_global_scale``), give an expert without a usable activation scale the
+   largest amax of its peers (reported), and the MTP experts (transformers does not build MTP) the largest amax
+   of the trunk's experts of the same projection (reported);
+6. **write** the output with Path A's plan for those amax: quantized modules take llm-compressor's tensors,
+   every other unit (kept FP8, copied tensors, the MTP block) goes through Path A's own unit code, so the two paths
+   differ only in the quantized experts; config from :func:`nvfp4kit.layouts.quantization_config`; index last;
+7. optionally export the activation amax for ``fp8_to_nvfp4_streaming.py --activation-scales``; clean up.
+
+Calibration is not resumable: a crash during step 4 restarts it (the staging checkpoint is reused).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import __version__
+from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
+from .convert import _atomic_write_json, _compute, _copy_side_files, _read_unit
+from .hf_model import dequantized_source
+from .layouts import Layout
+from .nvfp4 import GLOBAL_SCALE_DIVISOR
+from .plan import ConversionPlan, Options, build_plan, source_fingerprint
+from .rules import Action, is_mtp, joint_scale_group, module_name
+from .safetensors_io import DTYPES, TensorInfo, TensorSpec, encode_header, read_header, read_tensor, tensor_bytes
+
+log = logging.getLogger("nvfp4kit.calibrate")
+
+DECODER_LAYER = "DeepseekV4DecoderLayer"
+STAGING = "staging"
+LLMC_SAVE = "llmcompressor-save"
+OFFLOAD = "offload"
+REPORT_NAME = "path_b_report.json"
+ACTIVATION_SCALES_FORMAT = "nvfp4kit.activation-scales.v1"
+NVFP4_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+class PathBError(RuntimeError):
+    """A refusal or a failed check, with a message for the user."""
+
+
+@dataclass
+class CalibrationSettings:
+    dataset: str
+    num_samples: int = 256
+    max_seq_len: int = 4096
+    seed: int = 42
+    split: str | None = None
+    offload_dir: str | None = None  # default: DST.offload next to the destination
+    dtype: torch.dtype = torch.bfloat16
+    overwrite: bool = False
+    keep_offload: bool = False
+    export_activation_scales: str | None = None
+
+
+@dataclass
+class CalibrationResult:
+    input_amax: dict[str, float]  # native module -> amax, every module Path A quantizes
+    fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why its amax is a peer maximum
+    layer_log: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: CalibrationSettings) -> dict:
+    """Run Path B from ``src`` (FP8) to ``dst`` (NVFP4 W4A4, compressed-tensors); returns the report."""
+    started = time.time()
+    src, dst = os.path.realpath(src), os.path.realpath(dst)
+    if options.format != "compressed-tensors":
+        raise PathBError("Path B writes compressed-tensors only (llm-compressor's format); use Path A for others")
+    _claim_destination(src, dst, settings.overwrite)
+    work = os.path.realpath(settings.offload_dir or dst.rstrip("/") + ".offload")
+    log.info("Path B: %s -> %s, work folder %s. Calibration is NOT resumable: a crash during calibration restarts "
+             "it (the BF16 staging checkpoint is reused).", src, dst, work)
+    ckpt = open_checkpoint(src)
+    weight_only = build_plan(ckpt, options)  # fails early, listing every problem, before hours of work
+    quantized = sorted(m for m, a in weight_only.actions.items() if a == Action.QUANTIZE.value)
+    log.info("rule table: %d modules to quantize (%d in MTP), %d kept FP8", len(quantized),
+             sum(map(is_mtp, quantized)), sum(a == Action.KEEP_FP8.value for a in weight_only.actions.values()))
+
+    _stage("1/5 staging", started)
+    staging = stage_bf16_checkpoint(ckpt, os.path.join(work, STAGING), settings.dtype)
+    _stage("2/5 loading", started)
+    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype)
+    names = hf_to_native_modules(ckpt)
+    ignore = ignore_list(model, names, weight_only.actions)
+    _stage("3/5 calibration", started)
+    from .calibration_data import tokenized_dataset
+
+    data = tokenized_dataset(settings.dataset, tokenizer, src, settings.num_samples, settings.max_seq_len,
+                             settings.seed, settings.split)
+    saved_dir = os.path.join(work, LLMC_SAVE)
+    layer_log = run_oneshot(model, tokenizer, data, ignore, saved_dir, settings)
+    del model
+    _stage("4/5 collecting scales", started)
+    saved = saved_tensors(saved_dir)
+    result = collect_activation_amax(saved, quantized, weight_only, options.joint_scale)
+    result.layer_log = layer_log
+    if settings.export_activation_scales:
+        export_activation_scales(settings.export_activation_scales, src, result)
+    _stage("5/5 writing", started)
+    plan = build_plan(ckpt, options, result.input_amax)
+    report = write_output(ckpt, plan, saved, dst, result, time.time() - started)
+    if not settings.keep_offload:
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("removed the work folder %s", work)
+    log.info("Path B done in %s: %s", _hms(time.time() - started), dst)
+    return report
+
+
+def _claim_destination(src: str, dst: str, overwrite: bool) -> None:
+    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise PathBError(f"destination {dst} and source {src} must not contain each other")
+    if os.path.isdir(dst) and os.listdir(dst):
+        if not overwrite:
+            raise PathBError(f"{dst} is not empty; pass --overwrite to replace it (Path B cannot resume)")
+        log.warning("--overwrite: removing the contents of %s", dst)
+        shutil.rmtree(dst)
+    os.makedirs(dst, exist_ok=True)
+
+
+def _stage(what: str, started: float) -> None:
+    log.info("=== stage %s (elapsed %s, peak host RSS %.2f GB)", what, _hms(time.time() - started), _peak_rss_gb())
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 1: the BF16 staging checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def staged_tensor_names(ckpt: Checkpoint) -> list[str]:
+    """What transformers' model reads: no FP8 ``.scale`` companions and no MTP block (it builds none)."""
+    scales = {n for n in ckpt.tensors if n.endswith((".scale", ".weight_scale_inv"))}
+    return [n for n in ckpt.tensors if n not in scales and not is_mtp(n)]
+
+
+def stage_bf16_checkpoint(ckpt: Checkpoint, staging: str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write ``staging``: the source with FP8 weights dequantized to ``dtype``, shard by shard; returns its path.
+
+    Each staging shard mirrors one source shard and is written to ``.NAME.partial`` then renamed; a rerun skips the
+    shards already written for the same source (``staging.json`` holds the source fingerprint). Only one tensor is
+    in memory at a time.
+    """
+    os.makedirs(staging, exist_ok=True)
+    state_path = os.path.join(staging, "staging.json")
+    fingerprint = {"source_fingerprint": source_fingerprint(ckpt), "dtype": str(dtype), "kit_version": __version__}
+    state = _read_json(state_path) or {}
+    if state.get("fingerprint") != fingerprint:
+        if state:
+            log.warning("staging folder %s belongs to another source or dtype: rebuilding it", staging)
+        shutil.rmtree(staging)
+        os.makedirs(staging)
+        state = {"fingerprint": fingerprint, "done": []}
+        _atomic_write_json(state_path, state)
+    wanted = set(staged_tensor_names(ckpt))
+    fp8 = {n for n in wanted if ckpt.tensors[n].dtype == "F8_E4M3"}
+    read = dequantized_source(ckpt)
+    weight_map: dict[str, str] = {}
+    t0 = time.time()
+    for k, shard in enumerate(ckpt.shards):
+        names = [n for n in wanted if ckpt.shard_of(n) == shard]
+        names.sort(key=lambda n: ckpt.tensors[n].begin)
+        weight_map.update({n: shard for n in names})
+        if shard in state["done"] or not names:
+            continue
+        specs = [TensorSpec(n, "BF16" if n in fp8 and dtype == torch.bfloat16 else
+                            ("F32" if n in fp8 else ckpt.tensors[n].dtype), ckpt.tensors[n].shape) for n in names]
+        partial = os.path.join(staging, f".{shard}.partial")
+        with open(partial, "wb") as f:
+            f.write(encode_header(specs))
+            for n in names:
+                t = read(n)
+                f.write(tensor_bytes(t.to(dtype) if n in fp8 else t))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, os.path.join(staging, shard))
+        state["done"].append(shard)
+        _atomic_write_json(state_path, state)
+        done = k + 1
+        eta = (time.time() - t0) / done * (len(ckpt.shards) - done)
+        log.info("staged %s (%d/%d shards), elapsed %s, ETA %s", shard, done, len(ckpt.shards),
+                 _hms(time.time() - t0), _hms(eta))
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    _atomic_write_json(os.path.join(staging, "config.json"), config)
+    _atomic_write_json(os.path.join(staging, INDEX_NAME), {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(ckpt.root, name)):
+            shutil.copy2(os.path.join(ckpt.root, name), os.path.join(staging, name))
+    return staging
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 2: transformers' model, offloaded, experts linearized
+# ---------------------------------------------------------------------------------------------------------------
+def load_for_calibration(staging: str, offload_folder: str, dtype: torch.dtype = torch.bfloat16):
+    """``(model, tokenizer)``: DeepseekV4ForCausalLM on CPU/disk (compressed-tensors offload; llm-compressor's
+    sequential pipeline moves one decoder layer at a time to the GPU), experts as per-expert Linears."""
+    from compressed_tensors.offload import load_offloaded_model
+    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings, set_save_conversion_mapping
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from transformers import AutoTokenizer, DeepseekV4ForCausalLM
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+
+    # llm-compressor's load_quantizable_moe would load the per-expert staging tensors directly, but its
+    # transformers patch registry imports every model module, torchvision included (no CPU wheel for torch 2.13):
+    # load the stacked experts instead and linearize after loading.
+    with load_offloaded_model(DeepseekV4ForCausalLM):
+        model = DeepseekV4ForCausalLM.from_pretrained(staging, dtype=dtype, device_map="auto_offload",
+                                                      offload_folder=offload_folder)
+    linearize_moe(model)
+    # Saving reverses these mappings, so the save carries DeepSeek's names (experts.E.w1, attn.wq_a, ...).
+    _, _, save_map = get_linearize_load_mappings("deepseek_v4")
+    set_save_conversion_mapping(model, save_map)
+    register_checkpoint_conversion_mapping("deepseek_v4", save_map, overwrite=True)
+    cast_fp32_norms(model, dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(staging)
+
+
+def cast_fp32_norms(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast the RMSNorm weights transformers keeps in float32 to ``dtype``; returns their names.
+
+    A float32 norm weight turns the norm's output float32, and the BF16 Linear after it fails with "expected m1 and
+    m2 to have the same dtype". The mHC parameters, sinks and position biases stay float32: their code upcasts
+    explicitly. Calibration-only: the output copies these tensors from the source, bit for bit.
+    """
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+
+    cast = []
+    for name, module in model.named_modules():
+        if isinstance(module, DeepseekV4RMSNorm) and module.weight.dtype != dtype:
+            module.to(dtype)
+            cast.append(name)
+    return cast
+
+
+def hf_to_native_modules(ckpt: Checkpoint) -> dict[str, str]:
+    """transformers module name (linearized experts) -> DeepSeek module name, for every weight outside MTP.
+
+    Built by running transformers' own V4 load renamings, with llm-compressor's per-expert entries in place of the
+    stacking converter, over the checkpoint's names: the mapping is the loader's, never a hand-written copy.
+    """
+    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings
+    from transformers.core_model_loading import rename_source_key
+
+    _, load_map, _ = get_linearize_load_mappings("deepseek_v4")
+    out = {}
+    for name in staged_tensor_names(ckpt):
+        if name.endswith(".weight"):
+            hf, _ = rename_source_key(name, load_map, [])
+            hf = module_name(hf)
+            out[hf if hf.startswith("lm_head") else "model." + hf] = module_name(name)
+    return out
+
+
+def ignore_list(model: torch.nn.Module, names: dict[str, str], actions: dict[str, str]) -> list[str]:
+    """Every Linear of ``model`` that the rule table does not quantize (exact names: honoured module by module).
+
+    Raises if a Linear has no DeepSeek name (it would be quantized blindly) or a module the table quantizes is no
+    Linear in the model (it would never be calibrated).
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    unknown = [n for n in linears if n not in names]
+    if unknown:
+        raise PathBError(f"transformers Linear modules with no DeepSeek name: {unknown[:5]}")
+    wanted = {m for m, a in actions.items() if a == Action.QUANTIZE.value and not is_mtp(m)}
+    missing = wanted - {names[n] for n in linears}
+    if missing:
+        raise PathBError(f"modules the rule table quantizes are not Linear layers of the model: {sorted(missing)[:5]}")
+    return [n for n in linears if names[n] not in wanted]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 3: oneshot, with progress per decoder layer
+# ---------------------------------------------------------------------------------------------------------------
+def run_oneshot(model, tokenizer, data, ignore: list[str], save_dir: str, settings: CalibrationSettings) -> list[dict]:
+    """Calibrate and save (compressed) to ``save_dir``; returns one progress record per decoder layer."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    recipe = QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=ignore)
+    progress = LayerProgress(model, len(data))
+    log.info("oneshot: sequential pipeline over %d decoder layers, %d samples, every routed expert calibrated on "
+             "every token; %d Linear modules ignored by the rule table", progress.total, len(data), len(ignore))
+    try:
+        oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, pipeline="sequential",
+                sequential_targets=[DECODER_LAYER], num_calibration_samples=len(data),
+                max_seq_length=settings.max_seq_len, shuffle_calibration_samples=False,
+                moe_calibrate_all_experts=True, output_dir=save_dir, save_compressed=True)
+    finally:
+        progress.close()
+    return progress.records
+
+
+class LayerProgress:
+    """Logs each decoder layer as the sequential pipeline finishes it: elapsed, ETA and peak memory.
+
+    The pipeline runs a layer once per sample to calibrate and once more per sample to propagate its output to the
+    next layer, so a layer is done after ``2 * samples`` forward calls.
+    """
+
+    def __init__(self, model: torch.nn.Module, samples: int) -> None:
+        self.layers = [m for m in model.modules() if type(m).__name__ == DECODER_LAYER]
+        self.total, self.samples, self.records = len(self.layers), samples, []
+        self.calls = [0] * self.total
+        self.started = self.last = time.time()
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _hook(self, index: int):
+        def hook(module, args, output) -> None:
+            self.calls[index] += 1
+            if self.calls[index] == 2 * self.samples:
+                self._finished(index)
+        return hook
+
+    def _finished(self, index: int) -> None:
+        now = time.time()
+        done = len(self.records) + 1
+        record = {"layer": index, "seconds": round(now - self.last, 3), "peak_host_rss_gb": round(_peak_rss_gb(), 3)}
+        if torch.cuda.is_available():
+            record["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+            torch.cuda.reset_peak_memory_stats()
+        self.records.append(record)
+        eta = (now - self.started) / done * (self.total - done)
+        log.info("calibrated layer %d (%d/%d) in %.1f s; elapsed %s, ETA %s; peak host RSS %.2f GB%s", index, done,
+                 self.total, now - self.last, _hms(now - self.started), _hms(eta), record["peak_host_rss_gb"],
+                 f", peak GPU {record['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in record else "")
+        self.last = now
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def layer_memory_estimate(ckpt: Checkpoint, num_samples: int, max_seq_len: int) -> dict[str, float]:
+    """Bytes Path B holds per decoder layer, from the checkpoint's own tensor sizes (GB).
+
+    ``layer_gb``: the largest decoder layer with FP8 weights widened to BF16: what one onloaded layer puts on the
+    GPU (plus per-sample activations, ``sample_activations_gb``). ``activation_cache_gb``: the sequential
+    pipeline's cached inputs of the current layer for every sample (``[samples, seq, hc_mult, hidden]`` BF16),
+    held in host memory. Host peak is about the offload's CPU share plus this cache plus one layer in transit.
+    """
+    per_layer: dict[str, int] = {}
+    for name in staged_tensor_names(ckpt):
+        m = re.match(r"^layers\.(\d+)\.", name)
+        if m:
+            info = ckpt.tensors[name]
+            width = 2 if info.dtype == "F8_E4M3" else info.nbytes // max(math.prod(info.shape), 1)
+            per_layer[m.group(1)] = per_layer.get(m.group(1), 0) + math.prod(info.shape) * width
+    cfg = ckpt.config
+    hidden, hc = int(cfg["hidden_size"]), int(cfg.get("hc_mult", 1))
+    inter = int(cfg["moe_intermediate_size"])
+    return {
+        "layer_gb": max(per_layer.values()) / 1e9,
+        "activation_cache_gb": num_samples * max_seq_len * hc * hidden * 2 / 1e9,
+        # one sample through one expert at a time (all tokens): gate+up outputs in float32, twice for the observer
+        "sample_activations_gb": (max_seq_len * hc * hidden * 2 * 4 + max_seq_len * 2 * inter * 4 * 2) / 1e9,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 4: the calibrated tensors and activation scales
+# ---------------------------------------------------------------------------------------------------------------
+def saved_tensors(saved_dir: str) -> dict[str, TensorInfo]:
+    """llm-compressor's save, by DeepSeek name (``model.`` prefix dropped)."""
+    out: dict[str, TensorInfo] = {}
+    for name in sorted(os.listdir(saved_dir)):
+        if name.endswith(".safetensors"):
+            tensors, _ = read_header(os.path.join(saved_dir, name))
+            out.update({k.removeprefix("model."): v for k, v in tensors.items()})
+    return out
+
+
+def input_amax_of(global_scale: float) -> float:
+    """compressed-tensors' ``input_global_scale`` is ``2688 / amax``; nan if the scale is unusable."""
+    return GLOBAL_SCALE_DIVISOR / global_scale if math.isfinite(global_scale) and global_scale > 0 else math.nan
+
+
+def collect_activation_amax(saved: dict[str, TensorInfo], quantized: list[str], plan: ConversionPlan,
+                            joint_scale: str) -> CalibrationResult:
+    """Input amax for every module Path A quantizes, with fallbacks; checks what vLLM relies on.
+
+    Raises :class:`PathBError` if llm-compressor saved a quantized module under another name or without one of its
+    tensors, or if a fused group (an expert's w1/w3) got different weight global scales.
+    """
+    trunk = [m for m in quantized if not is_mtp(m)]
+    missing = [f"{m}.{s}" for m in trunk for s in NVFP4_SUFFIXES if f"{m}.{s}" not in saved]
+    if missing:
+        raise PathBError(f"llm-compressor's save lacks {len(missing)} quantized tensors (expert names on save?), "
+                         f"e.g. {missing[:4]}")
+    _check_joint_global_scales(saved, trunk, joint_scale)
+    amax = {m: input_amax_of(float(read_tensor(saved[f"{m}.input_global_scale"]).float().reshape(-1)[0])) for m in trunk}
+    fallbacks: dict[str, str] = {}
+    by_peer: dict[str, list[str]] = {}
+    for m in trunk:
+        by_peer.setdefault(peer_key(m), []).append(m)
+    for key, members in by_peer.items():
+        good = [amax[m] for m in members if math.isfinite(amax[m])]
+        for m in members:
+            if not math.isfinite(amax[m]):
+                if not good:
+                    raise PathBError(f"no module of {key} has a usable activation scale: calibration saw no data?")
+                amax[m] = max(good)
+                fallbacks[m] = f"no usable calibrated scale: max input amax of {len(good)} peers in {key}"
+    by_proj: dict[str, list[float]] = {}
+    for m in trunk:
+        by_proj.setdefault(projection_key(m), []).append(amax[m])
+    for m in quantized:
+        if is_mtp(m):
+            peers = by_proj.get(projection_key(m))
+            if not peers:
+                raise PathBError(f"{m}: the MTP block is not calibrated and the trunk has no {projection_key(m)} peer")
+            amax[m] = max(peers)
+            fallbacks[m] = f"MTP is not built by transformers: max input amax of the trunk's {projection_key(m)}"
+    for m, why in sorted(fallbacks.items()):
+        log.warning("activation scale fallback: %s: %s (amax %.6g)", m, why, amax[m])
+    return CalibrationResult(dict(sorted(amax.items())), fallbacks)
+
+
+def peer_key(module: str) -> str:
+    """Experts of one layer and one projection: ``layers.3.ffn.experts.*.w2``; other modules are their own peers."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.*.", module)
+
+
+def projection_key(module: str) -> str:
+    """One projection across layers: ``ffn.experts.*.w2``."""
+    return re.sub(r"^(layers|mtp)\.\d+\.", "", peer_key(module))
+
+
+def _check_joint_global_scales(saved: dict[str, TensorInfo], modules: list[str], joint_scale: str) -> None:
+    groups: dict[str, list[str]] = {}
+    for m in modules:
+        groups.setdefault(joint_scale_group(m, joint_scale), []).append(m)
+    bad = []
+    for group, members in groups.items():
+        values = {m: float(read_tensor(saved[f"{m}.weight_global_scale"]).float().reshape(-1)[0]) for m in members}
+        if len(set(values.values())) > 1:
+            bad.append(f"{group}: {values}")
+    if bad:
+        raise PathBError("vLLM fuses these modules into one GEMM with one global scale, but llm-compressor gave them "
+                         f"different ones ({len(bad)} groups): {bad[:3]}")
+
+
+def export_activation_scales(path: str, src: str, result: CalibrationResult) -> None:
+    """The file ``fp8_to_nvfp4_streaming.py --activation-scales`` reads (:func:`nvfp4kit.plan.load_activation_amax`)."""
+    _atomic_write_json(path, {
+        "format": ACTIVATION_SCALES_FORMAT,
+        "source": src,
+        "producer": f"nvfp4kit {__version__} quantize_llmcompressor.py",
+        "input_amax": result.input_amax,
+        "fallbacks": result.fallbacks,
+    })
+    log.info("wrote %d activation amax values to %s (%d fallbacks)", len(result.input_amax), path, len(result.fallbacks))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 5: the output, by Path A's plan
+# ---------------------------------------------------------------------------------------------------------------
+def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, TensorInfo], dst: str,
+                 result: CalibrationResult, seconds: float) -> dict:
+    """Write every shard of ``plan``; NVFP4 units calibrated by llm-compressor take its tensors."""
+    layout = Layout(plan.options.format, w4a4=True)
+    cpu = torch.device("cpu")
+    stats: dict[str, dict] = {}
+    from_llmc = 0
+    for k, shard in enumerate(plan.shards):
+        units = [plan.units[i] for i in shard.units]
+        specs = [o for u in units for o in u.outputs]
+        partial = os.path.join(dst, f".{shard.name}.partial")
+        with open(partial, "wb") as f:
+            f.write(encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__} path B"}))
+            for unit in units:
+                if unit.kind == "nvfp4" and not any(map(is_mtp, unit.modules)):
+                    data = _calibrated_tensors(unit.modules, unit.outputs, saved, result)
+                    from_llmc += len(unit.modules)
+                    for t in data:
+                        f.write(tensor_bytes(t))
+                    continue
+                for item in _read_unit(unit, ckpt.tensors, False):  # Path A's own code for everything else
+                    data, _ = _compute(item, plan, layout, cpu, stats)
+                    for t in data:
+                        f.write(tensor_bytes(t))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, os.path.join(dst, shard.name))
+        log.info("wrote %s (%d/%d)", shard.name, k + 1, len(plan.shards))
+    _copy_side_files(ckpt.root, dst)
+    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+    config["quantization_config"] = plan.quantization_config
+    _atomic_write_json(os.path.join(dst, "config.json"), config)
+    report = {
+        "kit_version": __version__,
+        "path": "B (llm-compressor oneshot, NVFP4 W4A4)",
+        "source": ckpt.root,
+        "options": plan.options.as_json(),
+        "modules_from_llmcompressor": from_llmc,
+        "modules_quantized_by_path_a_code": sorted(stats),
+        "activation_scale_fallbacks": result.fallbacks,
+        "layers": result.layer_log,
+        "seconds": round(seconds, 1),
+    }
+    _atomic_write_json(os.path.join(dst, REPORT_NAME), report)
+    index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
+    _atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+    return report
+
+
+def _calibrated_tensors(modules: list[str], outputs: list[TensorSpec], saved: dict[str, TensorInfo],
+                        result: CalibrationResult) -> list[torch.Tensor]:
+    """llm-compressor's tensors for ``modules`` in the plan's output order; a fallback module's input scale is
+    ``2688 / amax`` as Path A writes it. Each tensor is checked against the plan's dtype and shape."""
+    data = []
+    for spec in outputs:
+        module, suffix = spec.name.rsplit(".", 1)
+        if suffix == "input_global_scale" and module in result.fallbacks:
+            t = torch.tensor([GLOBAL_SCALE_DIVISOR / result.input_amax[module]], dtype=torch.float32)
+        else:
+            t = read_tensor(saved[spec.name])
+            if suffix.endswith("global_scale"):
+                t = t.to(torch.float32).reshape(spec.shape)
+        if tuple(t.shape) != tuple(spec.shape) or t.dtype != DTYPES[spec.dtype]:
+            raise PathBError(f"{spec.name}: llm-compressor saved {t.dtype} {list(t.shape)}, the layout needs "
+                             f"{spec.dtype} {list(spec.shape)}")
+        data.append(t)
+    return data

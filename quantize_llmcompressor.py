@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Path B: calibrate an FP8 DeepSeek V4 checkpoint to NVFP4 W4A4 with llm-compressor (compressed-tensors, vLLM).
+
+    python quantize_llmcompressor.py --src DeepSeek-V4-Pro-FP8 --dst OUT --num-samples 256 --max-seq-len 4096 \\
+        --offload-dir /nvme/pathb --export-activation-scales act.json 2>&1 | tee path_b.log
+
+Not resumable mid-calibration (the BF16 staging checkpoint in --offload-dir is reused). docs/path-b.md has the
+stages, disk and memory needs. Feed act.json to fp8_to_nvfp4_streaming.py --activation-scales for a Path A W4A4.
+"""
+
+import argparse
+
+from nvfp4kit.calibrate import CalibrationSettings, PathBError, quantize_with_llmcompressor
+from nvfp4kit.calibration_data import DEFAULT_DATASET, CalibrationDataError
+from nvfp4kit.checkpoint import CheckpointError
+from nvfp4kit.cli import add_plan_flags, options_from_args, run_main, setup_logging
+from nvfp4kit.plan import PlanError
+from nvfp4kit.rules import RuleError
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="source checkpoint folder (FP8, DeepSeek names)")
+    p.add_argument("--dst", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="local JSONL/Parquet/Arrow file or folder, or a hub dataset name (default: %(default)s)")
+    p.add_argument("--split", help="hub split (default: train_sft for ultrachat_200k, else train)")
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=42, help="calibration sample shuffle seed")
+    p.add_argument("--offload-dir", help="work folder on NVMe: BF16 staging checkpoint, disk offload, "
+                                         "llm-compressor's save (default: DST.offload)")
+    p.add_argument("--keep-offload", action="store_true", help="keep the work folder after success")
+    p.add_argument("--export-activation-scales", metavar="FILE",
+                   help="write the calibrated per-module input amax for fp8_to_nvfp4_streaming.py --activation-scales")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    add_plan_flags(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    setup_logging(args.verbose)
+    settings = CalibrationSettings(
+        dataset=args.dataset, num_samples=args.num_samples, max_seq_len=args.max_seq_len, seed=args.seed,
+        split=args.split, offload_dir=args.offload_dir, overwrite=args.overwrite, keep_offload=args.keep_offload,
+        export_activation_scales=args.export_activation_scales,
+    )
+    quantize_with_llmcompressor(args.src, args.dst, options_from_args(args), settings)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, (PathBError, PlanError, CheckpointError, CalibrationDataError, RuleError, OSError))
