@@ -57,17 +57,16 @@ def model_weight_names(ckpt: Checkpoint, layers: Sequence[int]) -> list[str]:
 def hf_config(config: dict, layers: Sequence[int]):
     """A ``DeepseekV4Config`` for the chosen layers of a checkpoint's config.json, without its FP8 quantization.
 
-    The layer schedule is passed explicitly (``layer_types``/``mlp_layer_types``) because a subset such as
-    ``[3]`` cannot be expressed with ``compress_ratios``/``num_hash_layers``.
+    The router schedule is passed as ``mlp_layer_types`` because ``num_hash_layers`` cannot express a subset such
+    as ``[3]`` (a top-k layer first).
     """
     from transformers import DeepseekV4Config
-    from transformers.models.deepseek_v4.configuration_deepseek_v4 import _COMPRESS_RATIO_TO_LAYER_TYPE
 
-    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "compress_ratios", "num_hash_layers")}
-    ratios = config["compress_ratios"]
+    fields = {k: v for k, v in config.items() if k not in ("quantization_config", "num_hash_layers")}
     num_hash = config.get("num_hash_layers", 0)
     fields["num_hidden_layers"] = len(layers)
-    fields["layer_types"] = [_COMPRESS_RATIO_TO_LAYER_TYPE[ratios[n]] for n in layers]
+    # transformers maps each ratio (0 / 4 / 128) to its attention type and ignores entries past the last layer
+    fields["compress_ratios"] = [config["compress_ratios"][n] for n in layers]
     fields["mlp_layer_types"] = ["hash_moe" if n < num_hash else "moe" for n in layers]
     return DeepseekV4Config(**fields)
 

@@ -284,8 +284,8 @@ def shard_file(number: int, total: int) -> str:
 def deliberate_misplacements(cfg: dict) -> dict[str, int]:
     """Tensors put away from their layer's shard on purpose, by shard number.
 
-    * the last routed expert of layer 0 has its w3 (weight and scale) in layer 1's shard: w1 and w3 of one
-      expert in different files, as where a size-based shard boundary cuts through a layer;
+    * the last routed expert of layer 0 has its w3 (weight and scale) in the next shard (layer 1's): w1 and w3
+      of one expert in different files, as where a size-based shard boundary cuts through a layer;
     * ``layers.1.attn.wo_b.scale`` sits in layer 0's shard while its weight stays in layer 1's.
     """
     last = cfg["n_routed_experts"] - 1
