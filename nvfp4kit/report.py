@@ -73,6 +73,7 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options()) -> dict:
     scale_of_weight = pairs
     scales = set(pairs.values())
     rows: dict[str, _PatternRow] = {}
+    row_of: dict[str, _PatternRow] = {}  # tensor name -> its row (the output attribution reuses it)
     categories: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
     instances: dict[str, set[str]] = {"routed_expert": set(), "shared_expert": set(), "router": set()}
     for name, info in ckpt.tensors.items():
@@ -89,6 +90,7 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options()) -> dict:
             continue  # accounted for in its weight's row
         pattern = collapse(name)
         row = rows.get(pattern) or rows.setdefault(pattern, _PatternRow(pattern, category))
+        row_of[name] = row
         row.count += 1
         row.dtypes[info.dtype] += 1
         row.shapes[info.shape] += 1
@@ -103,7 +105,7 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options()) -> dict:
                 row.blocks[blocks[name]] += 1
         row.actions[_action(module if scale else name, scale is not None, options)] += 1
     if plan is not None:
-        _add_output_bytes(plan, rows, categories)
+        _add_output_bytes(plan, row_of, categories)
     ordered = sorted(rows.values(), key=lambda r: (CATEGORIES.index(r.category), r.pattern))
     return {
         "source": _source_facts(ckpt),
@@ -153,16 +155,16 @@ def _indices(pattern: str, name: str) -> dict[str, int]:
     return {k: int(v) for k, v in m.groupdict().items()} if m else {}
 
 
-def _add_output_bytes(plan: ConversionPlan, rows: dict[str, _PatternRow], categories: dict[str, Counter]) -> None:
-    """Attribute every planned output tensor to the source pattern (and category) it comes from."""
+def _add_output_bytes(plan: ConversionPlan, row_of: dict[str, _PatternRow], categories: dict[str, Counter]) -> None:
+    """Attribute every planned output tensor to the row (and category) of the source tensor it comes from."""
     for unit in plan.units:
         for spec in unit.outputs:
             if unit.kind == "copy":
-                source = unit.modules[0]
+                row = row_of[unit.modules[0]]
             else:  # an NVFP4 group or a kept FP8 module: outputs are named ``<module>.<something>``
-                source = next(m for m in unit.modules if spec.name.startswith(m + ".")) + ".weight"
-            rows[collapse(source)].output_bytes += spec.nbytes
-            categories[rows[collapse(source)].category]["output_bytes"] += spec.nbytes
+                row = row_of[next(m for m in unit.modules if spec.name.startswith(m + ".")) + ".weight"]
+            row.output_bytes += spec.nbytes
+            categories[row.category]["output_bytes"] += spec.nbytes
 
 
 def _source_facts(ckpt: Checkpoint) -> dict:

@@ -15,6 +15,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -62,6 +63,7 @@ class TensorInfo:
         return DTYPES[self.dtype]
 
 
+@lru_cache(maxsize=None)  # called per tensor: 145k headers must not each allocate a torch tensor
 def element_size(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
