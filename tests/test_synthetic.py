@@ -148,19 +148,17 @@ def test_same_seed_same_bytes_other_seed_differs(tiny_src, tmp_path):
     assert changed == shards
 
 
-def e2m1_times_power_of_two(block: torch.Tensor) -> bool:
-    """Whether every row of ``block`` [n, 32] is E2M1 values times one power of two per row."""
-    amax = block.abs().amax(dim=1, keepdim=True)
-    # E2M1's largest magnitudes are 4 and 6: the block scale 2^k makes amax/2^k one of 0.5..6, so try each k that
-    # puts amax in [4, 8) and the k below it (a block whose largest code is small).
-    base = torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2
+def e2m1_times_power_of_two(blocks: torch.Tensor) -> bool:
+    """Whether every row of ``blocks`` [n, 32] is E2M1 values times one power of two.
+
+    The candidate power is 2^(floor(log2(amax)) - 2), which puts the largest magnitude in [4, 8): a genuine block
+    q * 2^e with largest code q_max sits on the E2M1 grid at that power too (q_max 0.5..6 just scale up to 4 or 6).
+    """
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    power = torch.exp2(torch.floor(torch.log2(amax.clamp(min=2.0**-126))) - 2)
     grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-    ok = torch.zeros(block.shape[0], dtype=torch.bool)
-    for shift in range(0, 4):
-        codes = (block / torch.exp2(base - shift)).abs()
-        on_grid = (codes.unsqueeze(-1) == grid).any(-1).all(dim=1)
-        ok |= on_grid
-    return bool(ok.all())
+    codes = (blocks / power).abs()
+    return bool((codes.unsqueeze(-1) == grid).any(-1).all())
 
 
 def test_experts_are_exact_mxfp4(ckpt):
