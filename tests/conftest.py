@@ -24,3 +24,19 @@ def tiny_config(tiny_src) -> dict:
     """The tiny checkpoint's config.json."""
     with open(f"{tiny_src}/config.json") as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def tiny_out(tiny_src, tmp_path_factory) -> str:
+    """Path A's default output (compressed-tensors, weight-only, exact policy) of ``tiny_src``. Read-only."""
+    from nvfp4kit.convert import Settings, convert
+    from nvfp4kit.plan import Options
+
+    dst = tmp_path_factory.mktemp("tiny_out")
+    convert(tiny_src, str(dst), Options(), Settings())
+    return str(dst)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--soak", type=int, default=0, metavar="N",
+                     help="tests/test_faults.py: N kill points per fault point plus N random-time kills (by hand)")

@@ -1,0 +1,203 @@
+"""verify_nvfp4: a good Path A output passes; each corruption fails the right check, naming the tensor.
+
+Every corruption copies the converted tiny output and rewrites one thing in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
+from nvfp4kit.convert import Settings, convert
+from nvfp4kit.plan import Options
+from nvfp4kit.safetensors_io import read_tensor, save_file
+from nvfp4kit.verify import check_numeric, check_static, take_inventory, verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERT = "layers.1.ffn.experts.2"
+
+
+# --- corruption helpers ---------------------------------------------------------------------------------------
+def copy_of(out: str, tmp_path) -> str:
+    dst = str(tmp_path / "corrupt")
+    shutil.copytree(out, dst)
+    return dst
+
+
+def overwrite_bytes(folder: str, tensor: str, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` inside ``tensor``'s bytes, in place."""
+    info = open_checkpoint(folder).tensors[tensor]
+    assert offset + len(data) <= info.nbytes
+    with open(info.file, "r+b") as f:
+        f.seek(info.begin + offset)
+        f.write(data)
+
+
+def swap_nibbles(folder: str, tensor: str) -> None:
+    info = open_checkpoint(folder).tensors[tensor]
+    packed = read_tensor(info)
+    overwrite_bytes(folder, tensor, 0, bytes(((packed >> 4) | (packed << 4)).reshape(-1).tolist()))
+
+
+def drop_tensor(folder: str, tensor: str) -> None:
+    """Rewrite the tensor's shard without it and keep the index consistent (only the tensor itself goes missing)."""
+    ckpt = open_checkpoint(folder)
+    shard = ckpt.tensors[tensor].file
+    kept = {n: read_tensor(i) for n, i in ckpt.tensors.items() if i.file == shard and n != tensor}
+    save_file(kept, shard)
+    edit_json(os.path.join(folder, INDEX_NAME), lambda ix: (
+        ix["weight_map"].pop(tensor),
+        ix["metadata"].update(total_size=ix["metadata"]["total_size"] - ckpt.tensors[tensor].nbytes)))
+
+
+def edit_json(path: str, edit) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    edit(data)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def static_problems(folder: str) -> list[str]:
+    result, _ = check_static(open_checkpoint(folder))
+    assert not result.passed
+    return result.problems
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def w4a4_out(tiny_src, tiny_out, tmp_path_factory) -> str:
+    """The tiny source converted W4A4 (compressed-tensors with input_global_scale on every NVFP4 module)."""
+    folder = tmp_path_factory.mktemp("w4a4")
+    modules = take_inventory(open_checkpoint(tiny_out)).nvfp4
+    amax = folder / "amax.json"
+    amax.write_text(json.dumps({"input_amax": {m: 2.0 + i % 7 for i, m in enumerate(modules)}}))
+    dst = str(folder / "out")
+    convert(tiny_src, dst, Options(), Settings(), activation_scales=str(amax))
+    return dst
+
+
+# --- a good output ----------------------------------------------------------------------------------------------
+def test_good_output_passes_every_check_that_runs(tiny_out, tmp_path):
+    report = tmp_path / "verify.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), tiny_out, "--json", str(report)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
+    assert checks["static"]["status"] == "PASS"
+    assert checks["numeric"]["status"] == "PASS"  # the source the converter recorded, every tensor (small)
+    assert "196 of 196 modules compared (144 NVFP4, 52 kept FP8)" in checks["numeric"]["evidence"][0]
+    assert checks["block_forward"]["status"] == "PASS"
+    assert "relative error of the output 0.000e+00" in checks["block_forward"]["evidence"][0]  # exact policy
+    assert checks["vllm_generate"]["status"] in ("SKIP", "PASS")
+    assert "result: PASS" in proc.stdout
+
+
+def test_good_w4a4_output_passes_static(w4a4_out):
+    result, inv = check_static(open_checkpoint(w4a4_out))
+    assert result.passed, result.problems
+    assert any("W4A4" in e for e in result.evidence)
+
+
+# --- corruptions ------------------------------------------------------------------------------------------------
+def test_swapped_nibbles_fail_numeric(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    swap_nibbles(bad, f"{EXPERT}.w3.weight_packed")
+    results = {r.name: r for r in verify(bad, vllm_generate=False, forward=False)}
+    assert results["static"].passed  # headers and scales cannot see nibble order
+    numeric = results["numeric"]
+    assert not numeric.passed
+    assert len(numeric.problems) == 1 and numeric.problems[0].startswith(f"{EXPERT}.w3:")
+    assert "exact rule" in numeric.problems[0]
+
+
+def test_swapped_nibbles_fail_the_sqnr_threshold_without_a_report(tiny_src, tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    os.remove(os.path.join(bad, "conversion_report.json"))  # a Path B output: no per-tensor rule to lean on
+    swap_nibbles(bad, f"{EXPERT}.w1.weight_packed")
+    ckpt = open_checkpoint(bad)
+    numeric = check_numeric(bad, ckpt, take_inventory(ckpt), tiny_src, sample=None)
+    assert [p.split(":")[0] for p in numeric.problems] == [f"{EXPERT}.w1"]
+    assert "SQNR" in numeric.problems[0]
+
+
+def test_nan_scale_byte_fails_static(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    overwrite_bytes(bad, f"{EXPERT}.w2.weight_scale", 5, b"\x7f")
+    problems = static_problems(bad)
+    assert problems == [f"{EXPERT}.w2.weight_scale: 1 E4M3 NaN and 0 negative block scale bytes"]
+
+
+def test_gate_up_global_scales_differing_fail_static(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    name = f"{EXPERT}.w3.weight_global_scale"
+    value = float(read_tensor(open_checkpoint(bad).tensors[name]))
+    overwrite_bytes(bad, name, 0, struct.pack("<f", value * 2))
+    problems = static_problems(bad)
+    assert len(problems) == 1 and problems[0].startswith(f"{EXPERT}.w13: global scales differ")
+    assert f"{EXPERT}.w1.weight_global_scale" in problems[0] and name in problems[0]
+
+
+def test_missing_activation_scale_in_w4a4_fails_static(w4a4_out, tmp_path):
+    bad = copy_of(w4a4_out, tmp_path)
+    drop_tensor(bad, f"{EXPERT}.w1.input_global_scale")
+    assert static_problems(bad) == [f"{EXPERT}.w1.input_global_scale missing (the config says W4A4)"]
+
+
+def test_index_entry_pointing_at_the_wrong_shard_fails_static(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    name = f"{EXPERT}.w2.weight_packed"
+    edit_json(os.path.join(bad, INDEX_NAME), lambda ix: ix["weight_map"].update({name: "model-00002-of-00002.safetensors"}))
+    problems = static_problems(bad)
+    assert any(name in p and "model-00002-of-00002.safetensors" in p for p in problems), problems
+
+
+def test_stale_fp8_quantization_config_fails_static(tiny_src, tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    with open(os.path.join(tiny_src, "config.json")) as f:
+        source_qcfg = json.load(f)["quantization_config"]
+    edit_json(os.path.join(bad, "config.json"), lambda c: c.update(quantization_config=source_qcfg))
+    problems = static_problems(bad)
+    assert len(problems) == 1 and "source FP8" in problems[0] and "layers.0.ffn.experts.0.w1" in problems[0]
+
+
+def test_leftover_fp8_keys_in_the_new_config_fail_static(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    edit_json(os.path.join(bad, "config.json"), lambda c: c["quantization_config"].update(weight_block_size=[128, 128]))
+    assert static_problems(bad) == ["quantization_config keeps source FP8 keys ['weight_block_size']: a stale FP8 config"]
+
+
+def test_quantized_tensor_not_covered_by_the_config_fails_static(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+
+    def drop_w2_target(c):
+        group = c["quantization_config"]["config_groups"]["group_0"]
+        group["targets"] = [t for t in group["targets"] if not t.endswith(r"w2$")]
+
+    edit_json(os.path.join(bad, "config.json"), drop_w2_target)
+    problems = static_problems(bad)
+    w2_modules = [m for m in take_inventory(open_checkpoint(bad)).nvfp4 if m.endswith(".w2")]
+    assert len(problems) == len(w2_modules) == 48 and all(".w2: NVFP4 tensors but the config gives it 0 groups" in p for p in problems)
+    assert any(p.startswith(f"{EXPERT}.w2:") for p in problems)
+
+
+def test_stray_activation_scale_on_a_weight_only_checkpoint_fails_static(tiny_out, tmp_path):
+    bad = copy_of(tiny_out, tmp_path)
+    ckpt = open_checkpoint(bad)
+    shard = ckpt.tensors[f"{EXPERT}.w1.weight_packed"].file
+    tensors = {n: read_tensor(i) for n, i in ckpt.tensors.items() if i.file == shard}
+    tensors[f"{EXPERT}.w1.input_global_scale"] = torch.ones(1)
+    save_file(tensors, shard)
+    edit_json(os.path.join(bad, INDEX_NAME), lambda ix: (
+        ix["weight_map"].update({f"{EXPERT}.w1.input_global_scale": os.path.basename(shard)}),
+        ix["metadata"].update(total_size=ix["metadata"]["total_size"] + 4)))
+    problems = static_problems(bad)
+    assert len(problems) == 1 and problems[0].startswith(f"{EXPERT}.w1.input_global_scale: stray tensor")
