@@ -26,6 +26,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import resource
 import shutil
 import threading
 import time
@@ -236,10 +237,11 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, di
     _atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
     log.info(
         "done: %d tensors quantized, %d kept FP8, %d copied; %.2f GB -> %.2f GB (%.1f%%); %.1f s; "
-        "SQNR mean %.2f dB, worst %.2f dB (%s); exact-policy tensors: %d",
+        "SQNR mean %.2f dB, worst %.2f dB (%s); exact-policy tensors: %d; peak host memory per worker %.2f GB",
         report["quantized_tensors"], report["kept_fp8_tensors"], report["copied_tensors"], report["source_bytes"] / 1e9,
         report["output_bytes"] / 1e9, 100 * report["output_bytes"] / max(report["source_bytes"], 1), seconds,
         report["sqnr_db_mean"], report["sqnr_db_worst"], report["worst_tensor"], report["exact_tensors"],
+        report["peak_rss_bytes_per_worker"] / 1e9,
     )
     return report
 
@@ -263,6 +265,8 @@ def _summarize(ckpt: Checkpoint, plan: ConversionPlan, done: dict[str, dict], se
         "sqnr_db_worst": tensors[worst]["sqnr_db"] if worst else math.inf,
         "worst_tensor": worst,
         "exact_tensors": sum(1 for st in tensors.values() if st["rule"] == "exact"),
+        "peak_rss_bytes_per_worker": max((e.get("peak_rss_bytes", 0) for e in done.values()), default=0),
+        "cuda_peak_bytes_per_worker": max((e.get("cuda_peak_bytes", 0) for e in done.values()), default=0),
         "tensors": dict(sorted(tensors.items())),
     }
 
@@ -457,7 +461,9 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     os.replace(partial, final)
     _fsync_dir(job.dst)
     return {"name": shard.name, "size": size, "sha256": h.hexdigest(), "seconds": time.time() - started,
-            "source_bytes": sum(u.source_bytes for u in units), "tensors": stats}
+            "source_bytes": sum(u.source_bytes for u in units), "tensors": stats,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
 
 
 def _fsync_dir(path: str) -> None:
