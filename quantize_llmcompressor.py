@@ -30,6 +30,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=42, help="calibration sample shuffle seed")
     p.add_argument("--offload-dir", help="work folder on NVMe: BF16 staging checkpoint, disk offload, "
                                          "llm-compressor's save (default: DST.offload)")
+    p.add_argument("--max-cpu-memory", type=float, metavar="GB",
+                   help="model share kept in host memory, the rest offloaded to disk (default: physical memory "
+                        "minus the activation cache, one layer and 10 GB)")
     p.add_argument("--keep-offload", action="store_true", help="keep the work folder after success")
     p.add_argument("--export-activation-scales", metavar="FILE",
                    help="write the calibrated per-module input amax for fp8_to_nvfp4_streaming.py --activation-scales")
@@ -41,6 +44,7 @@ def main() -> int:
     settings = CalibrationSettings(
         dataset=args.dataset, num_samples=args.num_samples, max_seq_len=args.max_seq_len, seed=args.seed,
         split=args.split, offload_dir=args.offload_dir, overwrite=args.overwrite, keep_offload=args.keep_offload,
+        max_cpu_memory_gb=args.max_cpu_memory,
         export_activation_scales=args.export_activation_scales,
     )
     quantize_with_llmcompressor(args.src, args.dst, options_from_args(args), settings)

@@ -35,6 +35,8 @@ import re
 import resource
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +79,7 @@ class CalibrationSettings:
     dtype: torch.dtype = torch.bfloat16
     overwrite: bool = False
     keep_offload: bool = False
+    max_cpu_memory_gb: float | None = None  # model share kept in host memory; default from layer_memory_estimate
     export_activation_scales: str | None = None
 
 
@@ -109,7 +112,10 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
     _stage("1/5 staging", started)
     staging = stage_bf16_checkpoint(ckpt, os.path.join(work, STAGING), settings.dtype)
     _stage("2/5 loading", started)
-    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype)
+    cpu_gb = settings.max_cpu_memory_gb
+    if cpu_gb is None:
+        cpu_gb = cpu_budget_gb(layer_memory_estimate(ckpt, settings.num_samples, settings.max_seq_len))
+    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype, cpu_gb)
     names = hf_to_native_modules(ckpt)
     ignore = ignore_list(model, names, weight_only.actions)
     _stage("3/5 calibration", started)
@@ -122,7 +128,7 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
     del model
     _stage("4/5 collecting scales", started)
     saved = saved_tensors(saved_dir)
-    result = collect_activation_amax(saved, quantized, weight_only, options.joint_scale)
+    result = collect_activation_amax(saved, quantized, options.joint_scale)
     result.layer_log = layer_log
     if settings.export_activation_scales:
         export_activation_scales(settings.export_activation_scales, src, result)
@@ -234,26 +240,26 @@ def _read_json(path: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2: transformers' model, offloaded, experts linearized
 # ---------------------------------------------------------------------------------------------------------------
-def load_for_calibration(staging: str, offload_folder: str, dtype: torch.dtype = torch.bfloat16):
+def load_for_calibration(staging: str, offload_folder: str, dtype: torch.dtype = torch.bfloat16,
+                         max_cpu_memory_gb: float | None = None):
     """``(model, tokenizer)``: DeepseekV4ForCausalLM on CPU/disk (compressed-tensors offload; llm-compressor's
     sequential pipeline moves one decoder layer at a time to the GPU), experts as per-expert Linears."""
     from compressed_tensors.offload import load_offloaded_model
     from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings, set_save_conversion_mapping
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from transformers import AutoTokenizer, DeepseekV4ForCausalLM
-    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
     # llm-compressor's load_quantizable_moe would load the per-expert staging tensors directly, but its
     # transformers patch registry imports every model module, torchvision included (no CPU wheel for torch 2.13):
     # load the stacked experts instead and linearize after loading.
+    limits = {} if max_cpu_memory_gb is None else {"max_memory": {"cpu": int(max_cpu_memory_gb * 1e9)}}
     with load_offloaded_model(DeepseekV4ForCausalLM):
         model = DeepseekV4ForCausalLM.from_pretrained(staging, dtype=dtype, device_map="auto_offload",
-                                                      offload_folder=offload_folder)
+                                                      offload_folder=offload_folder, **limits)
     linearize_moe(model)
     # Saving reverses these mappings, so the save carries DeepSeek's names (experts.E.w1, attn.wq_a, ...).
     _, _, save_map = get_linearize_load_mappings("deepseek_v4")
     set_save_conversion_mapping(model, save_map)
-    register_checkpoint_conversion_mapping("deepseek_v4", save_map, overwrite=True)
     cast_fp32_norms(model, dtype)
     return model.eval(), AutoTokenizer.from_pretrained(staging)
 
@@ -324,13 +330,29 @@ def run_oneshot(model, tokenizer, data, ignore: list[str], save_dir: str, settin
     log.info("oneshot: sequential pipeline over %d decoder layers, %d samples, every routed expert calibrated on "
              "every token; %d Linear modules ignored by the rule table", progress.total, len(data), len(ignore))
     try:
-        oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, pipeline="sequential",
-                sequential_targets=[DECODER_LAYER], num_calibration_samples=len(data),
-                max_seq_length=settings.max_seq_len, shuffle_calibration_samples=False,
-                moe_calibrate_all_experts=True, output_dir=save_dir, save_compressed=True)
+        with per_expert_save_names():
+            oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, pipeline="sequential",
+                    sequential_targets=[DECODER_LAYER], num_calibration_samples=len(data),
+                    max_seq_length=settings.max_seq_len, shuffle_calibration_samples=False,
+                    moe_calibrate_all_experts=True, output_dir=save_dir, save_compressed=True)
     finally:
         progress.close()
     return progress.records
+
+
+@contextmanager
+def per_expert_save_names() -> Iterator[None]:
+    """transformers' V4 conversion mapping with per-expert entries while llm-compressor saves, restored after:
+    left in place it would make every later V4 load in this process expect per-expert weights."""
+    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+    original = get_checkpoint_conversion_mapping("deepseek_v4")
+    register_checkpoint_conversion_mapping("deepseek_v4", get_linearize_load_mappings("deepseek_v4")[2], overwrite=True)
+    try:
+        yield
+    finally:
+        register_checkpoint_conversion_mapping("deepseek_v4", original, overwrite=True)
 
 
 class LayerProgress:
@@ -399,6 +421,19 @@ def layer_memory_estimate(ckpt: Checkpoint, num_samples: int, max_seq_len: int) 
     }
 
 
+def cpu_budget_gb(estimate: dict[str, float], headroom_gb: float = 10.0) -> float:
+    """Host memory the offloaded model may keep on the CPU: what remains of physical memory once the activation
+    cache, one layer in transit and some headroom are set aside (the rest of the model stays on disk)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    budget = total - estimate["activation_cache_gb"] - estimate["layer_gb"] - headroom_gb
+    log.info("memory per layer: %.2f GB onloaded (GPU), %.2f GB activation cache (host); host %.1f GB -> model share "
+             "kept in host memory: %.1f GB, the rest offloaded to disk", estimate["layer_gb"],
+             estimate["activation_cache_gb"], total, max(budget, 0.0))
+    if budget < 0:
+        log.warning("the activation cache and one layer exceed host memory: lower --num-samples or --max-seq-len")
+    return max(budget, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 4: the calibrated tensors and activation scales
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,8 +452,7 @@ def input_amax_of(global_scale: float) -> float:
     return GLOBAL_SCALE_DIVISOR / global_scale if math.isfinite(global_scale) and global_scale > 0 else math.nan
 
 
-def collect_activation_amax(saved: dict[str, TensorInfo], quantized: list[str], plan: ConversionPlan,
-                            joint_scale: str) -> CalibrationResult:
+def collect_activation_amax(saved: dict[str, TensorInfo], quantized: list[str], joint_scale: str) -> CalibrationResult:
     """Input amax for every module Path A quantizes, with fallbacks; checks what vLLM relies on.
 
     Raises :class:`PathBError` if llm-compressor saved a quantized module under another name or without one of its

@@ -1,0 +1,228 @@
+"""Path B (quantize_llmcompressor.py) end to end on the tiny synthetic checkpoint, on CPU.
+
+One llm-compressor run (4 samples of at most 16 tokens) is shared by the module; Path A runs twice next to it
+(weight-only, and W4A4 with Path B's exported activation scales) so that the two paths can be compared tensor by
+tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nvfp4kit.calibrate import (
+    CalibrationSettings,
+    PathBError,
+    cast_fp32_norms,
+    collect_activation_amax,
+    layer_memory_estimate,
+    quantize_with_llmcompressor,
+    stage_bf16_checkpoint,
+)
+from nvfp4kit.calibration_data import deepseek_plain_format, load_rows, tokenized_dataset
+from nvfp4kit.checkpoint import open_checkpoint
+from nvfp4kit.convert import Settings, convert
+from nvfp4kit.nvfp4 import GLOBAL_SCALE_DIVISOR
+from nvfp4kit.plan import Options, build_plan, load_activation_amax
+from nvfp4kit.rules import Action, is_mtp, module_name
+from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
+
+NVFP4 = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+
+
+def write_jsonl(path: str, rows: int = 8) -> str:
+    words = "the model calibrates every expert on tokens from prompts about code math and prose".split()
+    with open(path, "w") as f:
+        for i in range(rows):
+            text = " ".join(words[(i + k) % len(words)] for k in range(12))
+            f.write(json.dumps({"messages": [{"role": "user", "content": text},
+                                             {"role": "assistant", "content": text[::-1]}]}) + "\n")
+    return path
+
+
+def tensors_of(folder: str) -> dict:
+    ckpt = open_checkpoint(folder)
+    assert not ckpt.problems, ckpt.problems
+    return ckpt.tensors
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_src, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("path_b")
+    data = write_jsonl(str(root / "calib.jsonl"))
+    act = str(root / "act.json")
+    dst_b = str(root / "b")
+    settings = CalibrationSettings(dataset=data, num_samples=4, max_seq_len=16, offload_dir=str(root / "work"),
+                                   export_activation_scales=act)
+    report = quantize_with_llmcompressor(tiny_src, dst_b, Options(), settings)
+    convert(tiny_src, str(root / "a16"), Options(), Settings())
+    convert(tiny_src, str(root / "a4"), Options(), Settings(), activation_scales=act)
+    return {"b": dst_b, "a16": str(root / "a16"), "a4": str(root / "a4"), "act": act, "report": report,
+            "work": str(root / "work"), "plan": build_plan(open_checkpoint(tiny_src), Options())}
+
+
+def quantized_modules(plan) -> list[str]:
+    return sorted(m for m, a in plan.actions.items() if a == Action.QUANTIZE.value)
+
+
+# --- end to end -----------------------------------------------------------------------------------------------------
+def test_output_passes_verify(runs, tiny_src):
+    from nvfp4kit.verify import all_passed, format_report, verify
+
+    results = verify(runs["b"], src=tiny_src, vllm_generate=False)
+    assert all_passed(results), format_report(runs["b"], results)
+    assert not os.path.exists(runs["work"]), "the work folder is removed on success"
+
+
+def test_ignore_list_honoured_tensor_by_tensor(runs):
+    """Every tensor the rule table does not quantize is byte-identical to Path A's; same names, dtypes, shapes."""
+    b, a4 = tensors_of(runs["b"]), tensors_of(runs["a4"])
+    assert set(b) == set(a4)
+    quantized = set(quantized_modules(runs["plan"]))
+    compared = 0
+    for name, info in b.items():
+        assert (info.dtype, info.shape) == (a4[name].dtype, a4[name].shape), name
+        if name.rsplit(".", 1)[0] not in quantized:
+            assert torch.equal(read_tensor(info).view(torch.uint8), read_tensor(a4[name]).view(torch.uint8)), name
+            compared += 1
+    assert compared > 100
+
+
+def test_every_expert_has_a_positive_activation_scale(runs):
+    b = tensors_of(runs["b"])
+    quantized = quantized_modules(runs["plan"])
+    assert any(is_mtp(m) for m in quantized) and len(quantized) == 6 * 8 * 3
+    for m in quantized:
+        assert all(f"{m}.{s}" in b for s in NVFP4), m
+        igs = float(read_tensor(b[f"{m}.input_global_scale"]))
+        assert math.isfinite(igs) and igs > 0, m
+    for m in quantized:
+        if m.endswith(".w1"):
+            w3 = m[:-1] + "3"
+            assert torch.equal(read_tensor(b[f"{m}.weight_global_scale"]), read_tensor(b[f"{w3}.weight_global_scale"]))
+    # All-expert calibration reaches every trunk expert; only the MTP block (not built by transformers) falls back.
+    fallbacks = runs["report"]["activation_scale_fallbacks"]
+    assert fallbacks and all(is_mtp(m) for m in fallbacks)
+
+
+def test_path_b_weights_are_llmcompressors_not_path_as(runs):
+    """Trunk experts carry llm-compressor's quantization; the MTP experts Path A's own code."""
+    b, a16 = tensors_of(runs["b"]), tensors_of(runs["a16"])
+    trunk = [m for m in quantized_modules(runs["plan"]) if not is_mtp(m)]
+    differing = sum(not torch.equal(read_tensor(b[f"{m}.weight_packed"]), read_tensor(a16[f"{m}.weight_packed"]))
+                    for m in trunk)
+    assert differing > 0  # compressed-tensors rounds differently from the kit's reference (nvfp4-facts.md)
+    for m in quantized_modules(runs["plan"]):
+        if is_mtp(m):
+            assert torch.equal(read_tensor(b[f"{m}.weight_packed"]), read_tensor(a16[f"{m}.weight_packed"])), m
+
+
+def test_exported_scales_give_path_a_w4a4(runs):
+    """Path A + --activation-scales: weights equal Path A's weight-only output, activation scales equal Path B's."""
+    amax = load_activation_amax(runs["act"])
+    quantized = quantized_modules(runs["plan"])
+    assert set(amax) == set(quantized)
+    a16, a4, b = tensors_of(runs["a16"]), tensors_of(runs["a4"]), tensors_of(runs["b"])
+    for m in quantized:
+        for s in ("weight_packed", "weight_scale", "weight_global_scale"):
+            assert torch.equal(read_tensor(a4[f"{m}.{s}"]).view(torch.uint8), read_tensor(a16[f"{m}.{s}"]).view(torch.uint8))
+        assert f"{m}.input_global_scale" not in a16
+        assert torch.equal(read_tensor(a4[f"{m}.input_global_scale"]), read_tensor(b[f"{m}.input_global_scale"])), m
+    with open(runs["act"]) as f:
+        assert set(json.load(f)["fallbacks"]) == set(runs["report"]["activation_scale_fallbacks"])
+
+
+def test_refuses_a_non_empty_destination(runs, tiny_src):
+    settings = CalibrationSettings(dataset="unused")
+    with pytest.raises(PathBError, match="--overwrite"):
+        quantize_with_llmcompressor(tiny_src, runs["b"], Options(), settings)
+
+
+# --- pieces -----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def staging(tiny_src, tmp_path_factory) -> str:
+    return stage_bf16_checkpoint(open_checkpoint(tiny_src), str(tmp_path_factory.mktemp("staging") / "s"))
+
+
+def test_staging_is_bf16_without_mtp_or_scales_and_resumes(staging, tiny_src):
+    src = open_checkpoint(tiny_src)
+    staged = tensors_of(staging)
+    assert not any(is_mtp(n) or n.endswith(".scale") for n in staged)
+    for n, info in staged.items():
+        assert info.dtype == ("BF16" if src.tensors[n].dtype == "F8_E4M3" else src.tensors[n].dtype), n
+    before = {n: os.path.getmtime(os.path.join(staging, s)) for n, s in open_checkpoint(staging).weight_map.items()}
+    stage_bf16_checkpoint(src, staging)  # a rerun skips finished shards
+    assert before == {n: os.path.getmtime(os.path.join(staging, s)) for n, s in open_checkpoint(staging).weight_map.items()}
+
+
+def test_fp32_norms_clash_with_bf16_layers_until_cast(staging):
+    from transformers import DeepseekV4ForCausalLM
+
+    model = DeepseekV4ForCausalLM.from_pretrained(staging, dtype=torch.bfloat16).eval()
+    ids = torch.arange(2, 18).reshape(1, -1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="dtype"):
+        model(input_ids=ids)
+    assert cast_fp32_norms(model, torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    # The per-layer memory estimate is what one decoder layer of the calibration model holds.
+    estimate = layer_memory_estimate(open_checkpoint(staging), num_samples=4, max_seq_len=16)
+    layer_bytes = max(sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers(False)))
+                      for layer in model.model.layers)
+    assert estimate["layer_gb"] == pytest.approx(layer_bytes / 1e9, rel=0.05)
+
+
+def _fake_save(path: str, igs: dict[str, float], gs: dict[str, float] | None = None) -> dict:
+    tensors = {}
+    for m, value in igs.items():
+        tensors[f"{m}.input_global_scale"] = torch.tensor([value])
+        tensors[f"{m}.weight_global_scale"] = torch.tensor([(gs or {}).get(m, 100.0)])
+        tensors[f"{m}.weight_packed"] = torch.zeros(1, 8, dtype=torch.uint8)
+        tensors[f"{m}.weight_scale"] = torch.zeros(1, 1, dtype=torch.float8_e4m3fn)
+    save_file(tensors, path)
+    return read_header(path)[0]
+
+
+def test_unreached_expert_takes_the_peer_maximum(tmp_path):
+    modules = [f"layers.0.ffn.experts.{e}.w{k}" for e in range(3) for k in (1, 2, 3)]
+    igs = {m: GLOBAL_SCALE_DIVISOR / (1.0 + int(m.split(".")[4])) for m in modules}  # amax 1, 2, 3 per expert
+    igs["layers.0.ffn.experts.1.w2"] = 0.0  # never calibrated
+    saved = _fake_save(str(tmp_path / "s.safetensors"), igs)
+    mtp = ["mtp.0.ffn.experts.0.w2"]
+    result = collect_activation_amax(saved, modules + mtp, "gate-up")
+    assert result.input_amax["layers.0.ffn.experts.1.w2"] == pytest.approx(3.0)
+    assert result.input_amax["layers.0.ffn.experts.2.w1"] == pytest.approx(3.0)
+    assert result.input_amax["mtp.0.ffn.experts.0.w2"] == pytest.approx(3.0)
+    assert set(result.fallbacks) == {"layers.0.ffn.experts.1.w2", "mtp.0.ffn.experts.0.w2"}
+
+
+def test_unequal_gate_up_global_scales_are_refused(tmp_path):
+    modules = ["layers.0.ffn.experts.0.w1", "layers.0.ffn.experts.0.w3"]
+    saved = _fake_save(str(tmp_path / "s.safetensors"), {m: 10.0 for m in modules}, {modules[0]: 1.0, modules[1]: 2.0})
+    with pytest.raises(PathBError, match="one global scale"):
+        collect_activation_amax(saved, modules, "gate-up")
+
+
+def test_missing_expert_tensors_are_refused(tmp_path):
+    saved = _fake_save(str(tmp_path / "s.safetensors"), {"layers.0.ffn.experts.0.gate_proj": 10.0})
+    with pytest.raises(PathBError, match="expert names on save"):
+        collect_activation_amax(saved, ["layers.0.ffn.experts.0.w1"], "gate-up")
+
+
+def test_calibration_data_is_seeded_rendered_and_cut(tiny_src, tmp_path):
+    from transformers import AutoTokenizer
+
+    data = write_jsonl(str(tmp_path / "d.jsonl"), rows=8)
+    first = [r["messages"][0]["content"] for r in load_rows(data, 4, seed=1)]
+    assert first == [r["messages"][0]["content"] for r in load_rows(data, 4, seed=1)]
+    assert first != [r["messages"][0]["content"] for r in load_rows(data, 4, seed=2)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_src)
+    ds = tokenized_dataset(data, tokenizer, tiny_src, num_samples=4, max_seq_len=16, seed=1)
+    assert len(ds) == 4 and all(0 < len(r["input_ids"]) <= 16 for r in ds)
+    text = deepseek_plain_format([{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                                  {"role": "assistant", "content": "A"}])
+    assert text == "<｜begin▁of▁sentence｜>S<｜User｜>U<｜Assistant｜></think>A<｜end▁of▁sentence｜>"
