@@ -85,7 +85,8 @@ def open_checkpoint(root: str) -> Checkpoint:
         listed = sorted(set(weight_map.values()))
         for s in listed:
             if not os.path.exists(os.path.join(root, s)):
-                problems.append(f"shard {s} is listed in the index but missing")
+                lost = sorted(n for n, where in weight_map.items() if where == s)
+                problems.append(f"shard {s} is listed in the index but missing ({len(lost)} tensors, e.g. {lost[0]})")
         for s in sorted(set(present) - set(listed)):
             problems.append(f"shard {s} is present but not listed in the index")
         shards = [s for s in listed if os.path.exists(os.path.join(root, s))]
