@@ -119,6 +119,8 @@ def open_checkpoint(root: str) -> Checkpoint:
         actual = sum(t.nbytes for t in tensors.values())
         if total_size is not None and int(total_size) != actual:
             problems.append(f"index metadata.total_size {total_size} disagrees with the headers ({actual} bytes)")
+    if not tensors and not problems:
+        problems.append("the checkpoint holds no tensors (an empty index or empty shards)")
     config = {}
     cfg_path = os.path.join(root, "config.json")
     if os.path.exists(cfg_path):
