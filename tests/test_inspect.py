@@ -288,7 +288,7 @@ def break_scale_shape(root):
 def break_shard_missing(root):
     shard = shard_holding(root, "layers.1.attn.wq_a.weight")
     os.remove(os.path.join(root, shard))
-    return [shard, "listed in the index but missing"]
+    return [shard, "listed in the index but missing", "tensors, e.g. layers."]
 
 
 def break_shard_unlisted(root):
