@@ -28,7 +28,7 @@ from nvfp4kit.checkpoint import open_checkpoint
 from nvfp4kit.convert import Settings, convert
 from nvfp4kit.nvfp4 import GLOBAL_SCALE_DIVISOR
 from nvfp4kit.plan import Options, build_plan, load_activation_amax
-from nvfp4kit.rules import Action, is_mtp, module_name
+from nvfp4kit.rules import Action, is_mtp
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
 
 NVFP4 = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
