@@ -18,6 +18,7 @@ Every output byte depends only on the plan, never on the worker count or the dev
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import queue
 import resource
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -92,19 +94,79 @@ def convert(src: str, dst: str, options: Options, settings: Settings, activation
         return {"dry_run": True, "expected_output_bytes": plan.output_bytes, "shards": len(plan.shards)}
 
     fingerprint = _fingerprint(ckpt, plan)
-    os.makedirs(dst, exist_ok=True)
-    with _exclusive_lock(dst):
-        state = os.path.join(dst, STATE_DIR)
-        done = _prepare_state(dst, state, fingerprint, plan, settings)
-        todo = [s for s in plan.shards if s.name not in done]
-        _check_free_space(dst, sum(s.nbytes for s in todo))
-        _copy_side_files(src, dst)
-        if todo:
-            log.info("%d of %d shards to write (%d already done and verified)", len(todo), len(plan.shards), len(done))
-        started = time.time()
-        done.update(_write_shards(ckpt, plan, todo, dst, settings))
-        report = _finish(ckpt, plan, dst, done, time.time() - started)
+    try:
+        with _sigterm_as_interrupt():
+            os.makedirs(dst, exist_ok=True)
+            with _exclusive_lock(dst):
+                state = os.path.join(dst, STATE_DIR)
+                done = _prepare_state(dst, state, fingerprint, plan, settings)
+                todo = [s for s in plan.shards if s.name not in done]
+                _check_free_space(dst, sum(s.nbytes for s in todo))
+                _copy_side_files(src, dst)
+                if todo:
+                    log.info("%d of %d shards to write (%d already done and verified)", len(todo), len(plan.shards),
+                             len(done))
+                started = time.time()
+                done.update(_write_shards(ckpt, plan, todo, dst, settings))
+                report = _finish(ckpt, plan, dst, done, time.time() - started)
+    except OSError as e:
+        raise _io_failure(dst, e) from e
     return report
+
+
+def _io_failure(path: str, e: OSError) -> ConvertError:
+    """An OS error while writing ``path`` (the destination or a shard in it), named, with what to do about it."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space there, then rerun the same command to resume"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "the destination is not writable: choose another --dst or fix its permissions"
+    else:
+        hint = "rerun the same command to resume once the cause is fixed"
+    return ConvertError(f"cannot write {e.filename or path}: {e.strerror or e}; {hint}")
+
+
+def _interrupt(signum, frame) -> None:
+    """A stop signal as KeyboardInterrupt, once: further signals are ignored so that the cleanup runs to its end.
+
+    (Ignored by a Python handler, not SIG_IGN: a signal already pending would otherwise raise "Signal 15 ignored
+    due to race condition" in the middle of the cleanup.)
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore)
+    raise KeyboardInterrupt
+
+
+def _ignore(signum, frame) -> None:
+    pass
+
+
+@contextmanager
+def _workers_start_ignoring_sigint() -> Iterator[None]:
+    """Processes started inside inherit an ignored SIGINT: a Ctrl-C while they import prints no traceback of theirs
+    (:func:`_worker_main` then installs :func:`_interrupt`, and the parent stops any worker still starting)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a scheduler's stop) ends the job like Ctrl-C: workers stop, no partial file stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fingerprint(ckpt: Checkpoint, plan: ConversionPlan) -> dict:
@@ -136,12 +198,19 @@ def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan
             previous = json.load(f)
         if previous != fingerprint:
             changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+            if changed == ["source_fingerprint"]:
+                raise ConvertError(
+                    f"the source changed since the first run into {dst} (a shard's header, size or modification "
+                    "time): pass --restart to convert it again from the start"
+                )
             raise ConvertError(
                 f"{dst} holds a conversion started with a different {', '.join(changed)} "
                 f"(previous: {json.dumps({k: previous.get(k) for k in changed})}); rerun the original command "
                 "to resume it, or pass --restart to start over"
             )
     else:
+        if os.path.isdir(state):  # a run killed before its fingerprint was written: it finished nothing
+            shutil.rmtree(state)
         leftovers = [n for n in os.listdir(dst) if n not in (LOCK_NAME,)]
         if leftovers:
             raise ConvertError(
@@ -167,9 +236,10 @@ def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan
             intact[name] = entry
         else:
             log.warning("shard %s is missing, truncated or corrupt: it will be written again", name)
-    for name in os.listdir(dst):
-        if name.endswith(".partial"):
-            os.remove(os.path.join(dst, name))  # a killed run's unfinished shard: never trusted
+    for root, _, files in os.walk(dst):
+        for name in files:
+            if name.endswith(".partial"):
+                os.remove(os.path.join(root, name))  # a killed run's unfinished file (shard, side file): never trusted
     return intact
 
 
@@ -310,8 +380,9 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
         jobs.put(None)
     job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers))
     procs = [ctx.Process(target=_worker_main, args=(k, job, jobs, events), daemon=True) for k in range(workers)]
-    for p in procs:
-        p.start()
+    with _workers_start_ignoring_sigint():
+        for p in procs:
+            p.start()
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
                smoothing=0.05, mininterval=1.0)
     finished = 0
@@ -344,8 +415,12 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
         bar.close()
         for p in procs:
             if p.is_alive():
-                p.terminate()
-            p.join()
+                p.terminate()  # the worker removes its partial shard and exits (_interrupt)
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
     return done
 
 
@@ -359,6 +434,8 @@ class _WorkerJob:
 
 
 def _worker_main(k: int, job: _WorkerJob, jobs, events) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or the parent stopping: clean up, then exit
+        signal.signal(sig, _interrupt)
     torch.set_num_threads(job.threads)
     device = _worker_device(job.device, k)
     shards = {s.name: s for s in job.plan.shards}
@@ -451,8 +528,11 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                 raise failure[0]
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        os.remove(partial)  # never leave a half-written shard behind
+    except BaseException as e:
+        if os.path.exists(partial):
+            os.remove(partial)  # never leave a half-written shard behind
+        if isinstance(e, OSError):
+            raise _io_failure(final, e) from e
         raise
     expected = len(header) + sum(s.nbytes for s in specs)
     if size != expected:
