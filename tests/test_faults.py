@@ -1,0 +1,544 @@
+"""Fault injection: killed runs, full disks and broken inputs lose nothing (issue 9).
+
+Every run of the converter here is the real script in its own process group, on a small synthetic checkpoint (the
+``tiny`` preset with 2 layers and 2 experts, split into several output shards). Faults are injected at named
+points by ``tests/fault_hooks/sitecustomize.py`` (in the converter and in its spawned workers), or by signals
+from outside at random times. After each fault, a rerun must produce exactly the bytes of an uninterrupted run,
+and nothing in the source may change: an autouse fixture checksums every source folder before and after each
+test.
+
+CI runs a few well-chosen points; ``pytest tests/test_faults.py --soak N`` runs N kills per fault point and N
+random-time kills (see docs/faults.md for the figures).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nvfp4kit.checkpoint import INDEX_NAME
+from nvfp4kit.convert import LOCK_NAME, REPORT_NAME, STATE_DIR
+from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
+from nvfp4kit.synthetic import generate
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fault_hooks"))
+from sitecustomize import ENV as FAULT_ENV, POINTS  # noqa: E402  (the hook module, imported only for its names)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "fp8_to_nvfp4_streaming.py")
+HOOKS = os.path.join(ROOT, "tests", "fault_hooks")
+MINI = {"num_hidden_layers": 2, "n_routed_experts": 2}  # ~11 MB: a run costs little more than its start-up
+SHARD_SIZE = 1_500_000  # 8 output shards
+FLAGS = ("--device", "cpu", "--max-shard-size", str(SHARD_SIZE))
+RESUME_HINT = "rerun the same command to resume"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the converter
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    returncode: int
+    stderr: str
+    pgid: int
+
+    @property
+    def message(self) -> str:
+        """What the user sees of the error: from the first ERROR line on (a plan error lists its problems)."""
+        lines = self.stderr.splitlines()
+        first = next((k for k, line in enumerate(lines) if " ERROR " in line), len(lines))
+        return "\n".join(lines[first:])
+
+
+def convert_cli(src: str, dst: str, *flags: str, workers: int = 1, fault: str | None = None,
+                kill_after: float | None = None, timeout: float = 600) -> Run:
+    """The script in a new session (its own process group); ``fault`` is a hook spec, ``kill_after`` seconds."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HOOKS, ROOT]))
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    cmd = [sys.executable, SCRIPT, "--src", src, "--dst", dst, "--workers", str(workers), *FLAGS, *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if kill_after is not None:
+        try:
+            proc.wait(kill_after)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=timeout)
+    return Run(proc.returncode, stderr, proc.pid)
+
+
+def assert_group_gone(pgid: int, within: float = 30) -> None:
+    """No process of the run is left (workers included): an interrupted run must not keep writing."""
+    deadline = time.time() + within
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of the run are still alive: {subprocess.getoutput(f'pgrep -g {pgid} -a')}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders: checksums, outputs, temporary files
+# ---------------------------------------------------------------------------------------------------------------
+def checksums(folder: str) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden ones too), by relative path; folders as ``dir``."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), folder)] = "dir"
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def output_files(dst: str) -> dict[str, str]:
+    """What a user keeps, with checksums: everything but the kit's state, its lock and the timed report."""
+    return {name: digest for name, digest in checksums(dst).items()
+            if name.split(os.sep)[0] not in (STATE_DIR, LOCK_NAME, REPORT_NAME)}
+
+
+def temporary_files(dst: str) -> list[str]:
+    return sorted(name for name in checksums(dst) if name.endswith(".partial"))
+
+
+def assert_identical(reference: str, dst: str) -> None:
+    """``dst`` holds exactly the files of the uninterrupted run ``reference``, byte for byte, and no temporary one."""
+    reference, got = output_files(reference), output_files(dst)
+    assert sorted(got) == sorted(reference), f"files differ: {sorted(set(got) ^ set(reference))}"
+    assert [n for n in got if got[n] != reference[n]] == [], "these outputs differ from an uninterrupted run"
+    assert temporary_files(dst) == []
+
+
+def assert_nothing_half_done(dst: str) -> None:
+    """No temporary file, no index, and each shard the manifest calls done is whole (its recorded sha256)."""
+    assert temporary_files(dst) == []
+    assert not os.path.exists(os.path.join(dst, INDEX_NAME)), "a failed run must not look complete"
+    for line in open(os.path.join(dst, STATE_DIR, "manifest.jsonl")) if manifest_names(dst) else []:
+        entry = json.loads(line)
+        with open(os.path.join(dst, entry["name"]), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == entry["sha256"], entry["name"]
+
+
+def manifest_names(dst: str) -> list[str]:
+    path = os.path.join(dst, STATE_DIR, "manifest.jsonl")
+    if not os.path.exists(path):
+        return []
+    names = []
+    for line in open(path):
+        try:
+            names.append(json.loads(line)["name"])
+        except (json.JSONDecodeError, KeyError):
+            pass
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def mini_src(tmp_path_factory) -> str:
+    """A small synthetic V4 FP8 checkpoint: read-only, tests that break it copy it first (:func:`copy_of`)."""
+    dst = str(tmp_path_factory.mktemp("faults") / "mini")
+    generate(dst, preset="tiny", seed=0, **MINI)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def reference(mini_src, tmp_path_factory) -> str:
+    """The output folder of an uninterrupted run."""
+    dst = str(tmp_path_factory.mktemp("faults") / "reference")
+    run = convert_cli(mini_src, dst)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def unchanged(request):
+    """``unchanged(folder)`` records checksums of a source now; each must be the same when the test ends.
+
+    The shared source is watched for every test that uses it.
+    """
+    watched: dict[str, dict[str, str]] = {}
+
+    def watch(folder: str) -> None:
+        watched[folder] = checksums(folder)
+
+    if "mini_src" in request.fixturenames:
+        watch(request.getfixturevalue("mini_src"))
+    yield watch
+    for folder, before in watched.items():
+        assert checksums(folder) == before, f"the converter modified its source {folder}"
+
+
+@pytest.fixture
+def copy_of(mini_src, tmp_path, unchanged):
+    """``copy_of(break_it)``: a copy of the source, broken by ``break_it(folder)``, then watched."""
+
+    def make(break_it=None) -> str:
+        src = str(tmp_path / "src")
+        shutil.copytree(mini_src, src)
+        if break_it is not None:
+            break_it(src)
+        unchanged(src)
+        return src
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Killed runs
+# ---------------------------------------------------------------------------------------------------------------
+# (point, n-th time it is reached, workers): one of each kind of place, in CI.
+CI_KILLS = [
+    ("plan_written", 1, 1),
+    ("side_file", 2, 1),
+    ("compute", 3, 2),
+    ("tensor_written", 20, 1),
+    ("shard_complete", 2, 1),
+    ("shard_renamed", 3, 2),
+    ("manifest", 2, 1),
+    ("config", 1, 1),
+    ("index", 1, 1),
+    ("index_renamed", 1, 1),
+]
+# How often a run reaches each point (upper bounds for the soak's draws).
+REACHED = {"plan_written": 1, "side_file": 7, "compute": 12, "tensor_written": 170, "shard_complete": 8,
+           "shard_renamed": 8, "manifest": 8, "config": 1, "index": 1, "index_renamed": 1}
+
+
+def pytest_generate_tests(metafunc) -> None:
+    soak = metafunc.config.getoption("--soak")
+    rng = random.Random(9)
+    if "kill_point" in metafunc.fixturenames:
+        cases = CI_KILLS
+        if soak:
+            cases = [(point, n, 1 + n % 2) for point in POINTS
+                     for n in sorted(rng.sample(range(1, REACHED[point] + 1), min(soak, REACHED[point])))]
+        metafunc.parametrize("kill_point", cases, ids=[f"{p}-{n}-w{w}" for p, n, w in cases])
+    if "random_kill" in metafunc.fixturenames:
+        draws = [round(rng.uniform(0.05, 1.0), 3) for _ in range(soak or 2)]
+        metafunc.parametrize("random_kill", draws, ids=[f"at{d:.0%}" for d in draws])
+
+
+def resume_and_compare(src: str, dst: str, reference: str) -> Run:
+    run = convert_cli(src, dst)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_identical(reference, dst)
+    return run
+
+
+def test_kill_at_a_fault_point_then_rerun_gives_identical_bytes(mini_src, reference, kill_point, tmp_path):
+    point, n, workers = kill_point
+    dst = str(tmp_path / "out")
+    killed = convert_cli(mini_src, dst, workers=workers, fault=f"{point}:{n}:kill")
+    if killed.returncode == 0:
+        pytest.skip(f"{point} is reached fewer than {n} times")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert_group_gone(killed.pgid)
+    if point != "index_renamed":
+        assert not os.path.exists(os.path.join(dst, INDEX_NAME)), "a killed run must not look complete"
+    resume_and_compare(mini_src, dst, reference)
+
+
+def test_torn_manifest_line_is_redone(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    killed = convert_cli(mini_src, dst, fault="manifest:3:torn")
+    assert killed.returncode == -signal.SIGKILL
+    assert len(manifest_names(dst)) == 2  # the third line is half a line
+    resume_and_compare(mini_src, dst, reference)
+
+
+def test_kill_at_a_random_time_then_rerun_gives_identical_bytes(mini_src, reference, random_kill, tmp_path):
+    dst = str(tmp_path / "out")
+    started = time.time()
+    first = convert_cli(mini_src, dst)  # an uninterrupted run, to time this machine now
+    assert first.returncode == 0, first.stderr[-3000:]
+    elapsed = time.time() - started
+    shutil.rmtree(dst)
+    killed = convert_cli(mini_src, dst, workers=2, kill_after=random_kill * elapsed)
+    assert killed.returncode in (0, -signal.SIGKILL), killed.stderr[-3000:]
+    resume_and_compare(mini_src, dst, reference)
+
+
+@pytest.mark.parametrize("action", ["sigint", "sigterm"])
+def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, action, tmp_path):
+    dst = str(tmp_path / "out")
+    stopped = convert_cli(mini_src, dst, workers=2, fault=f"tensor_written:20:{action}")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert RESUME_HINT in stopped.message
+    assert "Traceback" not in stopped.stderr
+    assert_group_gone(stopped.pgid)
+    assert_nothing_half_done(dst)
+    resume_and_compare(mini_src, dst, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full disks and failing writes
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("point, action, expected", [
+    ("tensor_written", "enospc", ["model-00001-of-00008.safetensors", "No space left", "free"]),
+    ("tensor_written", "eio", ["model-00001-of-00008.safetensors", "Input/output error"]),
+    ("side_file", "enospc", ["tokenizer", "No space left", "free"]),
+    ("manifest", "enospc", ["No space left", "free"]),
+    ("index", "eio", [INDEX_NAME, "Input/output error"]),
+])
+def test_write_error_is_clear_and_a_rerun_completes(mini_src, reference, point, action, expected, tmp_path):
+    dst = str(tmp_path / "out")
+    failed = convert_cli(mini_src, dst, fault=f"{point}:1:{action}")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert len(failed.message.splitlines()) == 1 and "Traceback" not in failed.stderr
+    for fragment in expected + [dst, RESUME_HINT]:
+        assert fragment in failed.message
+    assert_nothing_half_done(dst)
+    resume_and_compare(mini_src, dst, reference)
+
+
+def _mount_tmpfs(path: str, *options: str) -> bool:
+    os.makedirs(path, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", path],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A size-limited filesystem (tmpfs), remountable to a larger size; skipped where mounting is not allowed."""
+    path = str(tmp_path / "disk")
+    if not _mount_tmpfs(path, "size=64k"):
+        pytest.skip("cannot mount a size-limited filesystem here (needs root)")
+
+    def resize(nbytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={nbytes}", path], check=True)
+
+    yield path, resize
+    subprocess.run(["umount", path], check=True)
+
+
+def test_real_full_disk_fails_cleanly_and_resumes_after_space_is_freed(mini_src, reference, small_disk):
+    disk, resize = small_disk
+    dst = os.path.join(disk, "out")
+    needed = sum(os.path.getsize(os.path.join(mini_src, n)) for n in os.listdir(mini_src)) // 2
+    resize(needed)
+    refused = convert_cli(mini_src, dst)  # the up-front check: too little space for the shards
+    assert refused.returncode == 2
+    assert "GB still to write but only" in refused.message and "free" in refused.message
+    # Exactly the space the up-front check asks for: the shards fit, the side files copied first then do not.
+    shards = sum(os.path.getsize(os.path.join(reference, n)) for n in os.listdir(reference) if n.endswith(".safetensors"))
+    resize(shutil.disk_usage(disk).used + shards)
+    full = convert_cli(mini_src, dst)
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "No space left" in full.message and "free" in full.message and RESUME_HINT in full.message
+    assert_nothing_half_done(dst)
+    resize(64 * 2**20)
+    resume_and_compare(mini_src, dst, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Broken inputs
+# ---------------------------------------------------------------------------------------------------------------
+def shard_path(src: str, tensor: str) -> str:
+    index = json.load(open(os.path.join(src, INDEX_NAME)))
+    return os.path.join(src, index["weight_map"][tensor])
+
+
+def rewrite_shard(src: str, tensor: str, edit) -> None:
+    """Rewrite the shard holding ``tensor`` with ``edit(tensors)`` applied (a dict of CPU tensors)."""
+    path = shard_path(src, tensor)
+    tensors = {name: read_tensor(info) for name, info in read_header(path)[0].items()}
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def edit_header(path: str, edit) -> None:
+    """Apply ``edit(header)`` to a shard's JSON header, keeping its data bytes."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header, data = json.loads(f.read(length)), f.read()
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def truncate(src: str) -> None:
+    path = shard_path(src, "layers.0.attn.wq_a.weight")
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def corrupt_header(src: str) -> None:
+    with open(shard_path(src, "embed.weight"), "r+b") as f:
+        f.seek(9)
+        f.write(b"\xff\xfe garbage")
+
+
+def remove_shard(src: str) -> None:
+    os.remove(shard_path(src, "layers.1.ffn.experts.0.w1.weight"))
+
+
+def duplicate_tensor(src: str) -> None:
+    embed = read_tensor(read_header(shard_path(src, "embed.weight"))[0]["embed.weight"])
+    rewrite_shard(src, "layers.0.attn.wq_a.weight", lambda t: t.update({"embed.weight": embed}))
+
+
+def drop_scale(src: str) -> None:
+    rewrite_shard(src, "layers.0.attn.wq_a.scale", lambda t: t.pop("layers.0.attn.wq_a.scale"))
+
+
+def reshape_scale(src: str) -> None:
+    def edit(t):  # 3 rows of blocks for 256 rows: no block size gives that
+        scale = t["layers.0.attn.wq_a.scale"]
+        t["layers.0.attn.wq_a.scale"] = torch.cat([scale, scale[:1]])
+
+    rewrite_shard(src, "layers.0.attn.wq_a.scale", edit)
+    _fix_total_size(src)
+
+
+def _fix_total_size(src: str) -> None:
+    """Keep the index's total_size true, so that only the intended problem is reported."""
+    path = os.path.join(src, INDEX_NAME)
+    index = json.load(open(path))
+    index["metadata"]["total_size"] = sum(
+        info.nbytes for shard in set(index["weight_map"].values())
+        for info in read_header(os.path.join(src, shard))[0].values())
+    json.dump(index, open(path, "w"))
+
+
+def poke(tensor: str, index: tuple, value):
+    """A broken copy with one element of ``tensor`` set: raw bytes for FP8 types, a value otherwise."""
+
+    def edit_tensors(t):
+        target = t[tensor].view(torch.uint8) if isinstance(value, bytes) else t[tensor]
+        target[index] = value[0] if isinstance(value, bytes) else value
+
+    return lambda src: rewrite_shard(src, tensor, edit_tensors)
+
+
+def unknown_dtype(src: str) -> None:
+    edit_header(shard_path(src, "layers.0.attn.attn_sink"),
+                lambda h: h["layers.0.attn.attn_sink"].update(dtype="F4_E2M1"))
+
+
+def empty_index(src: str) -> None:
+    for name in os.listdir(src):
+        if name.endswith(".safetensors"):
+            os.remove(os.path.join(src, name))
+    json.dump({"metadata": {"total_size": 0}, "weight_map": {}}, open(os.path.join(src, INDEX_NAME), "w"))
+
+
+def no_tensor_files(src: str) -> None:
+    for name in os.listdir(src):
+        if name.endswith(".safetensors") or name == INDEX_NAME:
+            os.remove(os.path.join(src, name))
+
+
+BROKEN_INPUTS = {
+    "truncated shard": (truncate, "truncated shard?"),
+    "corrupt header": (corrupt_header, "header is not valid JSON"),
+    "missing shard": (remove_shard, "is listed in the index but missing"),
+    "tensor in two shards": (duplicate_tensor, "tensor embed.weight is in two shards"),
+    "weight without scale": (drop_scale, "FP8 weight layers.0.attn.wq_a.weight (model-00002-of-00005.safetensors) "
+                                         "has no scale companion"),
+    "scale of wrong shape": (reshape_scale, "layers.0.attn.wq_a.weight: scale shape [3, 4] fits no block size for "
+                                            "weight shape [256, 448]"),
+    "NaN in a kept FP8 weight": (poke("layers.0.attn.wq_a.weight", (0, 0), b"\x7f"),
+                                 "layers.0.attn.wq_a.weight: weight holds FP8 NaN bytes"),
+    "NaN in a quantized weight's scale": (poke("layers.0.ffn.experts.0.w1.scale", (0, 0), b"\xff"),
+                                          "layers.0.ffn.experts.0.w1"),
+    "Inf in a copied tensor": (poke("layers.0.attn_norm.weight", (3,), float("inf")),
+                               "source tensor layers.0.attn_norm.weight holds NaN or Inf values"),
+    "unknown dtype": (unknown_dtype, "tensor layers.0.attn.attn_sink: unknown dtype 'F4_E2M1'"),
+    "empty index": (empty_index, "the checkpoint holds no tensors"),
+    "no tensor files": (no_tensor_files, "not a checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_INPUTS))
+def test_broken_input_is_refused_with_a_clear_message(copy_of, case, tmp_path):
+    break_it, fragment = BROKEN_INPUTS[case]
+    src = copy_of(break_it)
+    dst = str(tmp_path / "out")
+    run = convert_cli(src, dst)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert fragment in run.message
+    if os.path.exists(dst):
+        assert_nothing_half_done(dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Destinations
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def readonly_dir(tmp_path):
+    path = str(tmp_path / "readonly")
+    if _mount_tmpfs(path, "ro", "size=64k"):
+        yield path
+        subprocess.run(["umount", path], check=True)
+        return
+    os.makedirs(path)
+    os.chmod(path, 0o555)
+    if os.access(path, os.W_OK):
+        pytest.skip("cannot make a read-only folder here")
+    yield path
+    os.chmod(path, 0o755)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["dst-itself", "dst-below"])
+def test_read_only_destination_is_refused(mini_src, readonly_dir, inside):
+    dst = os.path.join(readonly_dir, "out") if inside else readonly_dir
+    run = convert_cli(mini_src, dst)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "not writable" in run.message and readonly_dir in run.message
+    assert "Traceback" not in run.stderr
+
+
+def test_second_run_on_a_locked_destination_is_refused_and_the_first_is_untouched(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    killed = convert_cli(mini_src, dst, fault="shard_renamed:2:kill")
+    assert killed.returncode == -signal.SIGKILL
+    before = checksums(dst)
+    fd = os.open(os.path.join(dst, LOCK_NAME), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a first run, still going
+        second = convert_cli(mini_src, dst)
+    finally:
+        os.close(fd)
+    assert second.returncode == 2
+    assert "is locked by another conversion that is still running" in second.message
+    assert checksums(dst) == before
+    resume_and_compare(mini_src, dst, reference)
+
+
+def test_source_changed_since_the_first_run_is_refused(copy_of, mini_src, tmp_path, unchanged):
+    src = copy_of()
+    dst = str(tmp_path / "out")
+    killed = convert_cli(src, dst, fault="shard_renamed:2:kill")
+    assert killed.returncode == -signal.SIGKILL
+    shard = shard_path(src, "embed.weight")
+    os.utime(shard, ns=(time.time_ns(), time.time_ns()))  # re-downloaded: same name, new file
+    unchanged(src)
+    before = checksums(dst)
+    run = convert_cli(src, dst)
+    assert run.returncode == 2
+    assert "the source changed since the first run" in run.message and "--restart" in run.message
+    assert checksums(dst) == before
