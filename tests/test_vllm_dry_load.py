@@ -237,7 +237,8 @@ def test_default_layout_schemes_are_what_the_converter_planned(dry_loads):
         else:
             assert scheme == "unquantized", module
     assert schemes["layers.4.attn.indexer.wq_b"] == "FP8 block"
-    assert dry_loads["compressed-tensors"].planned == {m: s for m, s in dry_loads["compressed-tensors"].planned.items()}
+    planned = dry_loads["compressed-tensors"].planned
+    assert {m: schemes[m] for m in planned if m in schemes} == {m: planned[m] for m in planned if m in schemes}
 
 
 @pytest.mark.parametrize("layout", ["compressed-tensors W4A4", "nvidia W4A4", "modelopt W4A4"])
@@ -267,3 +268,12 @@ def test_missing_vllm_python_is_a_skip_with_a_reason(tmp_path, monkeypatch):
     result = vllm_check.run_vllm_dry_load(str(tmp_path))
     assert result.skipped and not result.passed
     assert ENV_VAR in result.reason
+
+
+def test_a_checkpoint_too_big_for_memory_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    from nvfp4kit import vllm_check
+
+    monkeypatch.setattr(vllm_check, "_checkpoint_bytes", lambda root: 10**15)
+    result = vllm_check.run_vllm_dry_load(str(tmp_path), python="/bin/false")
+    assert result.skipped
+    assert "builds the whole model on CPU" in result.reason
