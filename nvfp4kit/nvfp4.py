@@ -165,11 +165,14 @@ def quantize_nvfp4(
     global_scale: torch.Tensor,
     block_scale: torch.Tensor | None = None,
     name: str = "<tensor>",
-) -> NVFP4Tensor:
+    exact: bool = False,
+) -> NVFP4Tensor | None:
     """Quantize float ``x`` [M, N] with the given global scale (a multiplier, see :func:`global_scale_from_amax`).
 
     ``block_scale`` (E4M3 [M, N/16]) defaults to the reference rule. Works in row chunks so that float32
-    temporaries stay bounded; the result is the same as one pass over the whole tensor.
+    temporaries stay bounded; the result is the same as one pass over the whole tensor. With ``exact=True``
+    (power-of-two scales), returns None as soon as a chunk does not decode back to ``x`` bit for bit: the
+    multipliers are powers of two, so ``x / multiplier`` is exact and must itself be an E2M1 value.
     """
     check_quantizable(x.shape, name)
     if x.dtype != torch.float32:
@@ -179,13 +182,20 @@ def quantize_nvfp4(
     packed = torch.empty(M, N // 2, dtype=torch.uint8, device=x.device)
     scales = torch.empty(M, N // BLOCK, dtype=torch.float8_e4m3fn, device=x.device)
     step = max(1, _CHUNK_ELEMENTS // N)
-    for r in range(0, M, step):
-        xc = x[r : r + step]
+    # In exact mode a first chunk of a few rows refuses most data that is not MXFP4-shaped almost for free.
+    starts = [0, min(M, 16)] + list(range(min(M, 16) + step, M, step)) if exact else list(range(0, M, step))
+    for r, end in zip(starts, starts[1:] + [M]):
+        if r >= end:
+            continue
+        xc = x[r:end]
         rows = xc.shape[0]
         sc = reference_block_scales(xc, gs) if block_scale is None else block_scale[r : r + rows]
         scales[r : r + rows] = sc
         y = xc.view(rows, N // BLOCK, BLOCK) / (sc.to(torch.float32) * gs).unsqueeze(-1)
-        packed[r : r + rows] = pack_e2m1(cast_to_e2m1(y.view(rows, N)))
+        codes = cast_to_e2m1(y)
+        if exact and not torch.equal(e2m1_to_float(codes), y):
+            return None
+        packed[r : r + rows] = pack_e2m1(codes.view(rows, N))
     return NVFP4Tensor(packed=packed, block_scale=scales, global_scale=gs.clone())
 
 
@@ -216,28 +226,17 @@ def quantize_group(
         split = split_exact_scales(exps)
         if split is not None:
             gs, block_scales = split
-            if all(_holds_exactly(x, bs, gs) for x, bs in zip(tensors, block_scales)):
-                return [quantize_nvfp4(x, gs, bs, n) for x, bs, n in zip(tensors, block_scales, names)], "exact"
+            out = []
+            for x, bs, n in zip(tensors, block_scales, names):
+                q = quantize_nvfp4(x, gs, bs, n, exact=True)
+                if q is None:
+                    break
+                out.append(q)
+            else:
+                return out, "exact"
     joint = torch.stack([amax(x).to(tensors[0].device) for x in tensors]).amax()
     gs = global_scale_from_amax(joint)
     return [quantize_nvfp4(x, gs, name=n) for x, n in zip(tensors, names)], "reference"
-
-
-def _holds_exactly(x: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor) -> bool:
-    """Whether every ``x / (block_scale * global_scale)`` is an E2M1 value, so that decoding gives ``x`` back.
-
-    The multipliers are powers of two, so the division and the decode's multiplication are exact. Checks row
-    chunk by row chunk and stops at the first miss: data that is not MXFP4-shaped falls back almost for free.
-    """
-    M, N = x.shape
-    step = max(1, (_CHUNK_ELEMENTS // 16) // N)  # small chunks: a miss is usually found in the first one
-    gs = global_scale.to(x.device, torch.float32)
-    for r in range(0, M, step):
-        xc = x[r : r + step].to(torch.float32)
-        y = xc.view(xc.shape[0], N // BLOCK, BLOCK) / (block_scale[r : r + step].to(torch.float32) * gs).unsqueeze(-1)
-        if not torch.equal(e2m1_to_float(cast_to_e2m1(y)), y):
-            return False
-    return True
 
 
 def reconstruction_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:
