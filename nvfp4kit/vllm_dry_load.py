@@ -308,11 +308,12 @@ def scheme_of_quant_keys(weight, activation) -> str:
 def schemes_vllm_picked(models: list[torch.nn.Module], num_hidden_layers: int) -> dict[str, str]:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     table: dict[str, str] = {}
     for model in models:
         for runtime, module in model.named_modules():
-            if not isinstance(module, (LinearBase, RoutedExperts)):
+            if not isinstance(module, (LinearBase, RoutedExperts, VocabParallelEmbedding)):
                 continue
             label = scheme_vllm_picked(module)
             if label is None:
@@ -345,7 +346,7 @@ def schemes_in_checkpoint(tensors: dict[str, TensorInfo]) -> tuple[dict[str, str
             planned[module] = NVFP4_W4A4 if module in activation_scaled else NVFP4_WEIGHT_ONLY
         elif weight_dtype == "F8_E4M3":
             planned[module] = FP8_BLOCK
-        elif weight_dtype is not None and module != "embed":
+        elif weight_dtype is not None:
             planned[module] = UNQUANTIZED
     return planned, dict(activation_scaled)
 
