@@ -63,6 +63,7 @@ class CheckResult:
     evidence: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     skipped: bool = False
+    details: dict = field(default_factory=dict)  # per-tensor numbers: in --json, not in the printed report
 
     @property
     def status(self) -> str:
@@ -473,7 +474,7 @@ def check_numeric(dst: str, ckpt: Checkpoint, inv: Inventory, src: str, sample: 
     rules = {m: st.get("rule") for m, st in converter_report(dst).get("tensors", {}).items()}
     chosen = choose_sample(ckpt, inv, sample)
     problems: list[str] = []
-    sqnr: dict[str, float] = {}
+    metrics: dict[str, dict] = {}
     exact_ok = fp8_ok = 0
     for module in chosen:
         name = module + ".weight"
@@ -489,7 +490,7 @@ def check_numeric(dst: str, ckpt: Checkpoint, inv: Inventory, src: str, sample: 
             continue
         got = dequantize_nvfp4(read_nvfp4(ckpt, inv, module))
         err = reconstruction_error(ref, got)
-        sqnr[module] = err["sqnr_db"]
+        metrics[module] = {"rule": rules.get(module), **err}
         if rules.get(module) == "exact":
             if torch.equal(got, ref.to(torch.float32)):
                 exact_ok += 1
@@ -502,7 +503,7 @@ def check_numeric(dst: str, ckpt: Checkpoint, inv: Inventory, src: str, sample: 
             problems.append(f"{module}: SQNR {err['sqnr_db']:.2f} dB < {MIN_SQNR_DB} dB "
                             f"(rel. error {err['rel_error']:.4f}): not rounding noise")
     n_nvfp4 = sum(1 for m in chosen if m in inv.nvfp4)
-    finite = [v for v in sqnr.values() if math.isfinite(v)]
+    finite = [m["sqnr_db"] for m in metrics.values() if math.isfinite(m["sqnr_db"])]
     evidence = [
         f"source {src}; {len(chosen)} of {len(inv.nvfp4) + len(inv.fp8)} modules compared "
         f"({n_nvfp4} NVFP4, {len(chosen) - n_nvfp4} kept FP8)",
@@ -512,9 +513,12 @@ def check_numeric(dst: str, ckpt: Checkpoint, inv: Inventory, src: str, sample: 
     if finite:
         evidence.append(f"SQNR over {len(finite)} non-exact tensors: mean {sum(finite) / len(finite):.2f} dB, "
                         f"min {min(finite):.2f} dB (threshold {MIN_SQNR_DB} dB)")
-    ranked = sorted(sqnr.items(), key=lambda kv: kv[1])[:worst]
-    evidence += [f"  worst: {m}: SQNR {v:.2f} dB" for m, v in ranked if math.isfinite(v)]
-    return _result("numeric", evidence, problems)
+    ranked = sorted(metrics.items(), key=lambda kv: kv[1]["sqnr_db"])[:worst]
+    evidence += [f"  worst: {m}: SQNR {v['sqnr_db']:.2f} dB, rel. error {v['rel_error']:.4f}"
+                 for m, v in ranked if math.isfinite(v["sqnr_db"])]
+    result = _result("numeric", evidence, problems)
+    result.details = metrics
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
