@@ -396,8 +396,9 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport) 
             if model is None:
                 report.unmatched_tensors.append(f"{name}: the config declares no MTP layer (num_nextn_predict_layers)")
                 continue
-            fd = fds.get(info.file) or fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
-            tensor = read_tensor(info, fd)
+            if info.file not in fds:
+                fds[info.file] = os.open(info.file, os.O_RDONLY)
+            tensor = read_tensor(info, fds[info.file])
             recorder = recorders[id(model)]
             first_call = len(recorder.calls)
             try:
@@ -507,6 +508,22 @@ def expert_tensor_names(owner: str, leaf: str, experts: list[int], num_hidden_la
 NEVER_NVFP4 = re.compile(r"\.attn\.wo_a$")
 
 
+# Other names for the four schemes, as the kit's plan and config formats spell them.
+SCHEME_ALIASES = {
+    "nvfp4 w4a16": NVFP4_WEIGHT_ONLY, "nvfp4a16": NVFP4_WEIGHT_ONLY, "w4a16_nvfp4": NVFP4_WEIGHT_ONLY,
+    "nvfp4": NVFP4_W4A4, "fp8": FP8_BLOCK, "fp8_pb_wo": FP8_BLOCK, "keep_fp8": FP8_BLOCK, "keep": UNQUANTIZED,
+    "quantize": "NVFP4",  # a plan action: NVFP4, weight-only or W4A4 as the layout says
+}
+
+
+def normalize_plan(planned: dict[str, str]) -> dict[str, str]:
+    """Plan entries keyed like the scheme table (experts collapsed to ``….ffn.experts``) with canonical labels."""
+    out = {}
+    for module, scheme in planned.items():
+        out[checkpoint_module(module + ".weight")] = SCHEME_ALIASES.get(scheme.strip().lower(), scheme)
+    return out
+
+
 def compare_schemes(report: DryLoadReport, activation_scaled: dict[str, list[str]]) -> None:
     for module, picked in report.schemes.items():
         if NEVER_NVFP4.search(module) and picked.startswith("NVFP4"):
@@ -516,13 +533,13 @@ def compare_schemes(report: DryLoadReport, activation_scaled: dict[str, list[str
             )
     for module, planned in report.planned.items():
         picked = report.schemes.get(module)
-        if picked is None or picked == planned:
+        if picked is None or picked == planned or (planned == "NVFP4" and picked.startswith("NVFP4")):
             continue
         evidence = ""
         if module in activation_scaled:
             evidence = f" (activation scales such as {activation_scaled[module][0]})"
         report.scheme_problems.append(
-            f"{module}: vLLM runs it as {picked}, but the checkpoint holds {planned}{evidence}"
+            f"{module}: vLLM runs it as {picked}, but it was converted as {planned}{evidence}"
         )
 
 
@@ -633,7 +650,7 @@ def dry_load(root: str, planned: dict[str, str] | None = None) -> DryLoadReport:
 
     report.schemes = schemes_vllm_picked(list(models.values()), num_hidden_layers)
     from_tensors, activation_scaled = schemes_in_checkpoint(view.tensors)
-    report.planned = from_tensors | (planned or {})
+    report.planned = from_tensors | normalize_plan(planned or {})
     compare_schemes(report, activation_scaled)
     check_decoding(view, report)
     return report
