@@ -452,6 +452,8 @@ def _worker_main(k: int, job: _WorkerJob, jobs, events) -> None:
         events.put(("error", f"worker {k} failed:\n{traceback.format_exc()}"))
     finally:
         events.put(("exit", k))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing left to clean up: the parent's terminate() just ends it
+        signal.signal(signal.SIGINT, _ignore)
 
 
 def _worker_device(device: str, k: int) -> torch.device:
