@@ -481,11 +481,18 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     writes: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
     pin = device.type == "cuda"
+    busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0}  # seconds each stage worked: where time goes
 
     def reader() -> None:
         try:
             for unit in units:
-                for item in _read_unit(unit, tensors, pin):
+                items = _read_unit(unit, tensors, pin)
+                while True:
+                    t0 = time.perf_counter()
+                    item = next(items, _DONE)
+                    busy["read"] += time.perf_counter() - t0
+                    if item is _DONE:
+                        break
                     reads.put(item)
         except BaseException as e:  # handed to the compute loop, which raises it with the tensor's name
             failure.append(e)
@@ -501,8 +508,12 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                 data, source_bytes = item
                 for t in data:
                     b = tensor_bytes(t)
+                    t0 = time.perf_counter()
                     f.write(b)
+                    t1 = time.perf_counter()
                     h.update(b)
+                    busy["write"] += t1 - t0
+                    busy["hash"] += time.perf_counter() - t1
                     size += len(b)
                 progress(source_bytes)
         except BaseException as e:
@@ -522,7 +533,10 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                 t.start()
             try:
                 while (item := reads.get()) is not _DONE and not failure:
-                    writes.put(_compute(item, plan, layout, device, stats))
+                    t0 = time.perf_counter()
+                    out = _compute(item, plan, layout, device, stats)
+                    busy["compute"] += time.perf_counter() - t0
+                    writes.put(out)
             finally:
                 writes.put(_DONE)
                 threads[1].join()
@@ -544,6 +558,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     _fsync_dir(job.dst)
     return {"name": shard.name, "size": size, "sha256": h.hexdigest(), "seconds": time.time() - started,
             "source_bytes": sum(u.source_bytes for u in units), "tensors": stats,
+            "busy_seconds": {k: round(v, 3) for k, v in busy.items()},
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
 
@@ -584,13 +599,14 @@ def _compute(item: tuple, plan: ConversionPlan, layout: Layout, device: torch.de
     kind, unit, data = item
     if kind == "copy":
         dtype, chunk = data
-        _check_finite(unit.sources[0], dtype, chunk)
+        if chunk.numel():
+            _check_finite(unit.sources[0], dtype, chunk.to(device, non_blocking=True))
         return [chunk], chunk.numel()
     n = len(unit.modules)
     weights, scales = data[:n], data[n:]
     if kind == "fp8":
         block = plan.fp8_blocks[unit.sources[0]]
-        check_fp8_block(weights[0], scales[0], block, unit.sources[0])
+        check_fp8_block(weights[0].to(device, non_blocking=True), scales[0].to(device), block, unit.sources[0])
         return layout.fp8_tensors(weights[0], scales[0]), unit.source_bytes
     xs = [
         dequantize_fp8_blocks(w.to(device, non_blocking=True), s.to(device, non_blocking=True),
@@ -607,10 +623,17 @@ def _compute(item: tuple, plan: ConversionPlan, layout: Layout, device: torch.de
     return out, unit.source_bytes
 
 
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Exponent bits of each float format, as the integer type of the same width: all ones means NaN or Inf.
+_EXPONENT_MASKS = {"F64": (torch.int64, 0x7FF0000000000000), "F32": (torch.int32, 0x7F800000),
+                   "F16": (torch.int16, 0x7C00), "BF16": (torch.int16, 0x7F80)}
 
 
 def _check_finite(name: str, dtype: str, chunk: torch.Tensor) -> None:
-    """NaN/Inf in a copied floating-point tensor is refused: it would be served as is."""
-    if dtype in _FLOAT_DTYPES and not bool(torch.isfinite(chunk.view(DTYPES[dtype])).all()):
-        raise ConvertError(f"source tensor {name} holds NaN or Inf values")
+    """NaN/Inf in a copied floating-point tensor is refused: it would be served as is.
+
+    Tests the exponent bits with an integer max: several times faster than ``isfinite`` on CPU.
+    """
+    if dtype in _EXPONENT_MASKS:
+        int_dtype, mask = _EXPONENT_MASKS[dtype]
+        if int((chunk.view(int_dtype) & mask).max()) == mask:
+            raise ConvertError(f"source tensor {name} holds NaN or Inf values")

@@ -77,8 +77,8 @@ def check_fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int,
     s = scale.to(torch.float32)
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
         raise FP8FormatError(f"{name}: scale holds NaN, Inf, zero or negative values")
-    # E4M3FN has no Inf; its NaN is the byte pattern x1111111 (0x7F / 0xFF).
-    if bool(((weight.view(torch.uint8) & 0x7F) == 0x7F).any()):
+    # E4M3FN has no Inf; its NaN is the byte pattern x1111111 (0x7F / 0xFF). A max is cheaper than ==/any.
+    if int((weight.view(torch.uint8) & 0x7F).max()) == 0x7F:
         raise FP8FormatError(f"{name}: weight holds FP8 NaN bytes")
 
 
