@@ -413,6 +413,9 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
     finally:
         redirect.__exit__(None, None, None)
         bar.close()
+        deadline = time.time() + 2  # a worker that reported an error is exiting on its own: let it finish
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.time()))
         for p in procs:
             if p.is_alive():
                 p.terminate()  # the worker removes its partial shard and exits (_interrupt)
