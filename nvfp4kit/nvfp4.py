@@ -32,9 +32,13 @@ ZERO_BLOCK_EXPONENT = -(2**30)  # marks an all-zero block in the exact rule
 # Magnitude codes 0..7; codes 8..15 are the same values negated.
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Rounding boundaries between consecutive magnitudes; a value exactly on a boundary goes to the even code, i.e. up
-# at 0.75, 1.75 and 3.5 and down at 0.25, 1.25, 2.5 and 5.
+# at 0.75, 1.75 and 3.5 and down at 0.25, 1.25, 2.5 and 5. searchsorted counts the boundaries strictly below a
+# value, so a round-up boundary is moved to the float32 just below it: no float32 lies in between.
 _E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _E2M1_ROUND_UP_TIES = (0.75, 1.75, 3.5)
+_E2M1_SEARCH_BOUNDS = tuple(
+    float(torch.nextafter(torch.tensor(b), torch.tensor(0.0))) if b in _E2M1_ROUND_UP_TIES else b for b in _E2M1_BOUNDS
+)
 
 # Rows per chunk: keeps float32 temporaries near 64 MB whatever the tensor size.
 _CHUNK_ELEMENTS = 1 << 24
@@ -74,7 +78,7 @@ def check_quantizable(shape: tuple[int, ...] | torch.Size, name: str = "<tensor>
 def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     """``amax / 2688`` in float32 (0-d). An all-zero tensor (amax 0) gets 1.0 so that no scale is NaN."""
     a = torch.as_tensor(amax, dtype=torch.float32).reshape(())
-    if not bool(torch.isfinite(a)) or float(a) < 0:
+    if not bool(torch.isfinite(a) & (a >= 0)):
         raise NVFP4FormatError(f"global amax must be finite and >= 0, got {float(a)}")
     return torch.where(a > 0, a / GLOBAL_SCALE_DIVISOR, torch.ones_like(a))
 
@@ -116,13 +120,17 @@ def split_exact_scales(
     non-zero block then falls below 2^-9 (the group spans more than 17 binades), returns None.
     """
     lo, hi = E4M3_POW2_EXPONENTS
-    present = [e[e != ZERO_BLOCK_EXPONENT] for e in exponents]
-    top = max((int(p.max()) for p in present if p.numel()), default=None)
-    if top is None:  # every block of the group is zero
+    zero = ZERO_BLOCK_EXPONENT
+    # Largest and smallest exponent of the non-zero blocks, fetched in one host sync.
+    top, bottom = torch.stack(
+        [torch.stack([e.max(), torch.where(e != zero, e, torch.full_like(e, 2**30)).min()]) for e in exponents]
+    ).T.tolist()
+    top, bottom = max(top), min(bottom)
+    if top == zero:  # every block of the group is zero
         m = 0
     else:
         m = top - hi
-        if any(p.numel() and int(p.min()) - m < lo for p in present):
+        if bottom - m < lo:
             return None
     block_scales = []
     for e in exponents:
@@ -133,11 +141,9 @@ def split_exact_scales(
 
 def cast_to_e2m1(y: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 0..15) of float ``y``: nearest magnitude, ties to the even code, saturating at 6."""
-    bounds = torch.tensor(_E2M1_BOUNDS, dtype=y.dtype, device=y.device)
-    mag = y.abs()
-    code = torch.searchsorted(bounds, mag, out_int32=True).to(torch.uint8)
-    for t in _E2M1_ROUND_UP_TIES:
-        code += (mag == t).to(torch.uint8)
+    assert y.dtype == torch.float32, "the boundaries are float32 values"
+    bounds = torch.tensor(_E2M1_SEARCH_BOUNDS, dtype=torch.float32, device=y.device)
+    code = torch.searchsorted(bounds, y.abs(), out_int32=True).to(torch.uint8)
     return code | ((y < 0).to(torch.uint8) << 3)
 
 
@@ -193,9 +199,14 @@ def quantize_nvfp4(
         scales[r : r + rows] = sc
         y = xc.view(rows, N // BLOCK, BLOCK) / (sc.to(torch.float32) * gs).unsqueeze(-1)
         codes = cast_to_e2m1(y)
-        if exact and not torch.equal(e2m1_to_float(codes), y):
-            return None
+        if exact:
+            holds = (e2m1_to_float(codes) == y).all()
+            exact_so_far = holds if r == 0 else exact_so_far & holds
+            if r == 0 and not bool(holds):  # one host sync here, one at the end
+                return None
         packed[r : r + rows] = pack_e2m1(codes.view(rows, N))
+    if exact and not bool(exact_so_far):
+        return None
     return NVFP4Tensor(packed=packed, block_scale=scales, global_scale=gs.clone())
 
 
@@ -246,8 +257,7 @@ def reconstruction_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[
     """
     ref = reference.to(torch.float32)
     err = approx.to(torch.float32) - ref
-    signal = float(torch.linalg.vector_norm(ref).double() ** 2)
-    noise = float(torch.linalg.vector_norm(err).double() ** 2)
+    signal, noise = (v**2 for v in torch.stack([torch.linalg.vector_norm(ref), torch.linalg.vector_norm(err)]).double().tolist())
     if noise == 0.0:
         return {"sqnr_db": math.inf, "rel_error": 0.0}
     if signal == 0.0:

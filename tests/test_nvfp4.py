@@ -204,7 +204,10 @@ def reciprocal_global_scale(amax):
 MUTATIONS = {
     "none": [],
     "high_nibble_first": [("pack_e2m1", swapped_nibbles)],
-    "ties_away_from_zero": [("_E2M1_ROUND_UP_TIES", nvfp4._E2M1_BOUNDS)],
+    # Every boundary moved just below itself: every tie rounds up (away from zero) instead of to the even code.
+    "ties_away_from_zero": [
+        ("_E2M1_SEARCH_BOUNDS", tuple(float(torch.nextafter(torch.tensor(b), torch.tensor(0.0))) for b in nvfp4._E2M1_BOUNDS))
+    ],
     "no_2^-9_floor": [("BLOCK_SCALE_MIN", 0.0)],
     # No "no 448 cap" mutant: torch's E4M3 cast saturates, so dropping the cap changes nothing (see
     # test_e4m3_cast_saturates); the cap stays as a safeguard for casts that do not.
