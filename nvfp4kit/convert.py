@@ -503,11 +503,20 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
         reads.put(_DONE)
 
     h = hashlib.sha256()
+    hashes: queue.Queue = queue.Queue(maxsize=4)
     size = 0
+
+    def hasher() -> None:
+        while (b := hashes.get()) is not _DONE:
+            t0 = time.perf_counter()
+            h.update(b)
+            busy["hash"] += time.perf_counter() - t0
 
     def writer(f) -> None:
         nonlocal size
         synced = 0
+        hashing = threading.Thread(target=hasher, daemon=True)
+        hashing.start()
         try:
             while (item := writes.get()) is not _DONE:
                 data, source_bytes = item
@@ -515,10 +524,8 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                     b = tensor_bytes(t)
                     t0 = time.perf_counter()
                     f.write(b)
-                    t1 = time.perf_counter()
-                    h.update(b)
-                    busy["write"] += t1 - t0
-                    busy["hash"] += time.perf_counter() - t1
+                    busy["write"] += time.perf_counter() - t0
+                    hashes.put(b)  # hashed on its own thread while the next bytes are written
                     size += len(b)
                 if size - synced >= SYNC_EVERY:
                     # Flush as we go: the disk writes while the reader reads, instead of all at the final fsync.
@@ -532,6 +539,9 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
             failure.append(e)
             while writes.get() is not _DONE:  # drain so the compute loop never blocks
                 pass
+        finally:
+            hashes.put(_DONE)
+            hashing.join()
 
     try:
         with open(partial, "wb") as f:

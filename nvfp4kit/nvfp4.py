@@ -16,6 +16,7 @@ experts, MXFP4 before the FP8 repack): power-of-two global and block scales repr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -139,17 +140,23 @@ def split_exact_scales(
     return torch.tensor(2.0**m, dtype=torch.float32), block_scales
 
 
+@functools.lru_cache(maxsize=None)
+def _float32_constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small lookup table on ``device``, made once: a fresh host-to-GPU copy per call would stall the stream."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def cast_to_e2m1(y: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 0..15) of float ``y``: nearest magnitude, ties to the even code, saturating at 6."""
     assert y.dtype == torch.float32, "the boundaries are float32 values"
-    bounds = torch.tensor(_E2M1_SEARCH_BOUNDS, dtype=torch.float32, device=y.device)
+    bounds = _float32_constant(_E2M1_SEARCH_BOUNDS, y.device)
     code = torch.searchsorted(bounds, y.abs(), out_int32=True).to(torch.uint8)
     return code | ((y < 0).to(torch.uint8) << 3)
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
     """float32 values of E2M1 codes (uint8 0..15)."""
-    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=codes.device)
+    table = _float32_constant(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), codes.device)
     return table[codes.long()]
 
 
