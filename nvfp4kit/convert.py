@@ -107,6 +107,8 @@ def convert(src: str, dst: str, options: Options, settings: Settings, activation
                 if todo:
                     log.info("%d of %d shards to write (%d already done and verified)", len(todo), len(plan.shards),
                              len(done))
+                else:
+                    log.info("all %d shards already written and verified: nothing to convert", len(plan.shards))
                 started = time.time()
                 done.update(_write_shards(ckpt, plan, todo, dst, settings))
                 report = _finish(ckpt, plan, dst, done, time.time() - started)

@@ -14,7 +14,7 @@ Checks, in order; each returns a :class:`CheckResult` whose problems name the te
 3. ``block_forward`` (needs the source): one transformers DeepSeek V4 decoder layer run on the same random hidden
    states with the FP8-dequantized weights and with the weights decoded from the output.
 4. ``vllm_generate`` (GPU with vLLM only): vLLM loads the checkpoint and generates a few tokens.
-5. ``vllm_dry_load`` (on request): :func:`nvfp4kit.vllm_check.run_vllm_dry_load` in vLLM's own environment,
+5. ``vllm_dry_load`` (on by default; skipped where no vLLM environment exists): :func:`nvfp4kit.vllm_check.run_vllm_dry_load` in vLLM's own environment,
    skipped where there is none.
 """
 
@@ -35,7 +35,7 @@ from .convert import REPORT_NAME, STATE_DIR
 from .fp8 import dequantize_fp8_blocks, infer_block_size
 from .layouts import FP8_BLOCK_WEIGHTS, NVFP4_WEIGHTS, Layout, _modelopt_key, runtime_module
 from .nvfp4 import NVFP4Tensor, dequantize_nvfp4, reconstruction_error
-from .rules import fused_group, module_name, rule_for
+from .rules import collapse, fused_group, module_name, rule_for
 from .safetensors_io import TensorInfo, TensorSpec, read_tensor
 
 # Reference NVFP4 (amax/2688, E4M3 block scales) gives 20.4 dB on Gaussian weights, 21.8 dB on Student-t(3) ones and
@@ -604,16 +604,30 @@ def check_vllm_generate(dst: str, w4a4: bool, tp: int | None = None, max_tokens:
     return _result("vllm_generate", evidence, [] if out.token_ids else ["vLLM generated no token"])
 
 
+def planned_actions(dst: str) -> dict[str, str] | None:
+    """What Path A meant for each quantized or kept-FP8 module (its plan.json), for comparison with vLLM's choice."""
+    path = os.path.join(dst, ".nvfp4kit", "plan.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        actions = json.load(f)["actions"]
+    return {m: a for m, a in actions.items() if a in ("quantize", "keep_fp8")}
+
+
 def check_vllm_dry_load(dst: str) -> CheckResult:
     """vLLM's own loader over every tensor, in vLLM's environment (:mod:`nvfp4kit.vllm_check`)."""
     try:
         from .vllm_check import run_vllm_dry_load
     except ImportError as e:
         return _skip("vllm_dry_load", f"nvfp4kit.vllm_check not available ({e})")
-    r = run_vllm_dry_load(dst)
+    r = run_vllm_dry_load(dst, planned=planned_actions(dst))
     if r.skipped:
         return _skip("vllm_dry_load", r.reason)
-    evidence = [f"vllm {r.vllm_version}: {len(r.schemes)} modules' schemes as vLLM picked them"]
+    evidence = [f"vllm {r.vllm_version}: {len(r.schemes)} modules' schemes as vLLM picked them:"]
+    by_scheme: dict[str, set[str]] = {}
+    for module, scheme in r.schemes.items():
+        by_scheme.setdefault(scheme, set()).add(collapse(module))
+    evidence += [f"  {scheme}: {', '.join(sorted(patterns))}" for scheme, patterns in sorted(by_scheme.items())]
     return _result("vllm_dry_load", evidence, r.problems)
 
 
@@ -622,7 +636,7 @@ def check_vllm_dry_load(dst: str) -> CheckResult:
 # ---------------------------------------------------------------------------------------------------------------
 def verify(dst: str, src: str | None = None, sample: int | None = None, layer: int | None = None,
            forward: bool = True, vllm_generate: bool = True, tp: int | None = None,
-           vllm_dry_load: bool = False) -> list[CheckResult]:
+           vllm_dry_load: bool = True) -> list[CheckResult]:
     """Run the checks on ``dst``; ``src`` defaults to the source the converter recorded, if it still exists."""
     ckpt = open_checkpoint(dst)
     static, inv = check_static(ckpt)
