@@ -44,8 +44,8 @@ from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .fp8 import FP8FormatError, check_fp8_block, dequantize_fp8_blocks
 from .layouts import Layout
 from .nvfp4 import NVFP4FormatError, NVFP4Tensor, dequantize_nvfp4, quantize_group, reconstruction_error
-from .plan import ConversionPlan, Options, PlanError, Unit, build_plan, load_activation_amax, source_fingerprint
-from .safetensors_io import DTYPES, TensorInfo, encode_header, read_into, tensor_bytes
+from .plan import ConversionPlan, Options, Unit, build_plan, load_activation_amax, source_fingerprint
+from .safetensors_io import TensorInfo, encode_header, read_into, tensor_bytes
 
 log = logging.getLogger("nvfp4kit.convert")
 

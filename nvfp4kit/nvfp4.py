@@ -197,6 +197,7 @@ def quantize_nvfp4(
     step = max(1, _CHUNK_ELEMENTS // N)
     # In exact mode a first chunk of a few rows refuses most data that is not MXFP4-shaped almost for free.
     starts = [0, min(M, 16)] + list(range(min(M, 16) + step, M, step)) if exact else list(range(0, M, step))
+    exact_so_far: torch.Tensor | None = None  # device bool, read once at the end
     for r, end in zip(starts, starts[1:] + [M]):
         if r >= end:
             continue
@@ -208,7 +209,7 @@ def quantize_nvfp4(
         codes = cast_to_e2m1(y)
         if exact:
             holds = (e2m1_to_float(codes) == y).all()
-            exact_so_far = holds if r == 0 else exact_so_far & holds
+            exact_so_far = holds if exact_so_far is None else exact_so_far & holds
             if r == 0 and not bool(holds):  # one host sync here, one at the end
                 return None
         packed[r : r + rows] = pack_e2m1(codes.view(rows, N))

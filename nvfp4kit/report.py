@@ -286,7 +286,7 @@ def _render_patterns(patterns: list[dict], size, unit: str) -> list[str]:
     width = min(PATTERN_WIDTH, max([len(p["pattern"]) for p in patterns] + [7]))
     widths = (width, 7, 7, 18, 16, 14, 8, 8, 8)
     right = {1, 6, 8}
-    lines = ["", f"TENSOR PATTERNS ({{L}} layer, {{E}} routed expert, {{M}} MTP block; an FP8 row includes its scale)"]
+    lines = ["", "TENSOR PATTERNS ({L} layer, {E} routed expert, {M} MTP block; an FP8 row includes its scale)"]
     lines.append(_table_line(header, widths, right))
     current = None
     for p in patterns:

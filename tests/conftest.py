@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from nvfp4kit.synthetic import generate
 
@@ -40,3 +42,14 @@ def tiny_out(tiny_src, tmp_path_factory) -> str:
 def pytest_addoption(parser) -> None:
     parser.addoption("--soak", type=int, default=0, metavar="N",
                      help="tests/test_faults.py: N kill points per fault point plus N random-time kills (by hand)")
+
+
+@pytest.fixture
+def seed() -> int:
+    """Fresh random inputs each run; NVFP4KIT_TEST_SEED=N replays a failure (tests print the seed they used)."""
+    return int(os.environ.get("NVFP4KIT_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

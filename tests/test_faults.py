@@ -13,7 +13,6 @@ random-time kills (see docs/faults.md for the figures).
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import json

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,16 +11,6 @@ from nvfp4kit import fp8
 from nvfp4kit.fp8 import FP8FormatError
 
 NAME = "layers.0.attn.wkv_a.weight"
-
-
-@pytest.fixture
-def seed() -> int:
-    return int(os.environ.get("FP8_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-
-
-@pytest.fixture
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def random_fp8(shape, gen) -> torch.Tensor:

@@ -2,7 +2,7 @@
 mutation sensitivity of those comparisons, golden bytes, the exact (power-of-two) policy and edge cases.
 
 Random inputs are fresh on every run; every assertion message carries the seed that reproduces it
-(set NVFP4_TEST_SEED to replay one).
+(set NVFP4KIT_TEST_SEED to replay one).
 """
 
 from __future__ import annotations
@@ -31,16 +31,6 @@ from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize  # noqa: E402
 
 ROWS, COLS = 256, 1024
-
-
-@pytest.fixture
-def seed() -> int:
-    return int(os.environ.get("NVFP4_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-
-
-@pytest.fixture
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
