@@ -43,7 +43,7 @@ import torch
 
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .convert import _atomic_write_json, _compute, _copy_side_files, _read_unit
+from .convert import atomic_write_json, compute_unit, copy_side_files, read_unit
 from .hf_model import dequantized_source
 from .layouts import Layout
 from .nvfp4 import GLOBAL_SCALE_DIVISOR
@@ -192,7 +192,7 @@ def stage_bf16_checkpoint(ckpt: Checkpoint, staging: str, dtype: torch.dtype = t
         shutil.rmtree(staging)
         os.makedirs(staging)
         state = {"fingerprint": fingerprint, "done": []}
-        _atomic_write_json(state_path, state)
+        atomic_write_json(state_path, state)
     wanted = set(staged_tensor_names(ckpt))
     fp8 = {n for n in wanted if ckpt.tensors[n].dtype == "F8_E4M3"}
     read = dequantized_source(ckpt)
@@ -216,14 +216,14 @@ def stage_bf16_checkpoint(ckpt: Checkpoint, staging: str, dtype: torch.dtype = t
             os.fsync(f.fileno())
         os.replace(partial, os.path.join(staging, shard))
         state["done"].append(shard)
-        _atomic_write_json(state_path, state)
+        atomic_write_json(state_path, state)
         done = k + 1
         eta = (time.time() - t0) / done * (len(ckpt.shards) - done)
         log.info("staged %s (%d/%d shards), elapsed %s, ETA %s", shard, done, len(ckpt.shards),
                  _hms(time.time() - t0), _hms(eta))
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    _atomic_write_json(os.path.join(staging, "config.json"), config)
-    _atomic_write_json(os.path.join(staging, INDEX_NAME), {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+    atomic_write_json(os.path.join(staging, "config.json"), config)
+    atomic_write_json(os.path.join(staging, INDEX_NAME), {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(ckpt.root, name)):
             shutil.copy2(os.path.join(ckpt.root, name), os.path.join(staging, name))
@@ -518,7 +518,7 @@ def _check_joint_global_scales(saved: dict[str, TensorInfo], modules: list[str],
 
 def export_activation_scales(path: str, src: str, result: CalibrationResult) -> None:
     """The file ``fp8_to_nvfp4_streaming.py --activation-scales`` reads (:func:`nvfp4kit.plan.load_activation_amax`)."""
-    _atomic_write_json(path, {
+    atomic_write_json(path, {
         "format": ACTIVATION_SCALES_FORMAT,
         "source": src,
         "producer": f"nvfp4kit {__version__} quantize_llmcompressor.py",
@@ -551,18 +551,18 @@ def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, Tensor
                     for t in data:
                         f.write(tensor_bytes(t))
                     continue
-                for item in _read_unit(unit, ckpt.tensors, False):  # Path A's own code for everything else
-                    data, _ = _compute(item, plan, layout, cpu, stats)
+                for item in read_unit(unit, ckpt.tensors, False):  # Path A's own code for everything else
+                    data, _ = compute_unit(item, plan, layout, cpu, stats)
                     for t in data:
                         f.write(tensor_bytes(t))
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, os.path.join(dst, shard.name))
         log.info("wrote %s (%d/%d)", shard.name, k + 1, len(plan.shards))
-    _copy_side_files(ckpt.root, dst)
+    copy_side_files(ckpt.root, dst)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     config["quantization_config"] = plan.quantization_config
-    _atomic_write_json(os.path.join(dst, "config.json"), config)
+    atomic_write_json(os.path.join(dst, "config.json"), config)
     report = {
         "kit_version": __version__,
         "path": "B (llm-compressor oneshot, NVFP4 W4A4)",
@@ -574,9 +574,9 @@ def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, Tensor
         "layers": result.layer_log,
         "seconds": round(seconds, 1),
     }
-    _atomic_write_json(os.path.join(dst, REPORT_NAME), report)
+    atomic_write_json(os.path.join(dst, REPORT_NAME), report)
     index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
-    _atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+    atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
     return report
 
 

@@ -103,7 +103,7 @@ def convert(src: str, dst: str, options: Options, settings: Settings, activation
                 done = _prepare_state(dst, state, fingerprint, plan, settings)
                 todo = [s for s in plan.shards if s.name not in done]
                 _check_free_space(dst, sum(s.nbytes for s in todo))
-                _copy_side_files(src, dst)
+                copy_side_files(src, dst)
                 if todo:
                     log.info("%d of %d shards to write (%d already done and verified)", len(todo), len(plan.shards),
                              len(done))
@@ -221,8 +221,8 @@ def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan
                 "choose an empty destination"
             )
         os.makedirs(state, exist_ok=True)
-        _atomic_write_json(os.path.join(state, "plan.json"), plan.to_json())
-        _atomic_write_json(fp_path, fingerprint)
+        atomic_write_json(os.path.join(state, "plan.json"), plan.to_json())
+        atomic_write_json(fp_path, fingerprint)
         log.info("new conversion; state in %s", state)
     # A destination with an index is complete only if it is this run's; a resume rewrites it at the end.
     if os.path.exists(os.path.join(dst, INDEX_NAME)):
@@ -281,7 +281,7 @@ def _check_free_space(dst: str, needed: int) -> None:
         raise ConvertError(f"{dst}: {needed / 1e9:.2f} GB still to write but only {free / 1e9:.2f} GB free")
 
 
-def _copy_side_files(src: str, dst: str) -> None:
+def copy_side_files(src: str, dst: str) -> None:
     """Every non-tensor file and folder of the source, verbatim (config.json is rewritten in :func:`_finish`)."""
     for root, dirs, files in os.walk(src):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -301,13 +301,13 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, di
     config = dict(ckpt.config)
     config.pop("quantization_config", None)  # the source FP8 config never survives
     config["quantization_config"] = plan.quantization_config
-    _atomic_write_json(os.path.join(dst, "config.json"), config)
+    atomic_write_json(os.path.join(dst, "config.json"), config)
     if plan.hf_quant_config is not None:
-        _atomic_write_json(os.path.join(dst, "hf_quant_config.json"), plan.hf_quant_config)
+        atomic_write_json(os.path.join(dst, "hf_quant_config.json"), plan.hf_quant_config)
     report = _summarize(ckpt, plan, done, seconds)
-    _atomic_write_json(os.path.join(dst, REPORT_NAME), report)
+    atomic_write_json(os.path.join(dst, REPORT_NAME), report)
     index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
-    _atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+    atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
     log.info(
         "done: %d tensors quantized, %d kept FP8, %d copied; %.2f GB -> %.2f GB (%.1f%%); %.1f s; "
         "SQNR mean %.2f dB, worst %.2f dB (%s); exact-policy tensors: %d; peak host memory per worker %.2f GB",
@@ -344,7 +344,7 @@ def _summarize(ckpt: Checkpoint, plan: ConversionPlan, done: dict[str, dict], se
     }
 
 
-def _atomic_write_json(path: str, obj: object) -> None:
+def atomic_write_json(path: str, obj: object) -> None:
     tmp = path + ".partial"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=True)
@@ -492,7 +492,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     def reader() -> None:
         try:
             for unit in units:
-                items = _read_unit(unit, tensors, pin)
+                items = read_unit(unit, tensors, pin)
                 while True:
                     t0 = time.perf_counter()
                     item = next(items, _DONE)
@@ -558,7 +558,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
             try:
                 while (item := reads.get()) is not _DONE and not failure:
                     t0 = time.perf_counter()
-                    out = _compute(item, plan, layout, device, stats)
+                    out = compute_unit(item, plan, layout, device, stats)
                     busy["compute"] += time.perf_counter() - t0
                     writes.put(out)
             finally:
@@ -595,7 +595,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterator[tuple]:
+def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterator[tuple]:
     """Items for the compute loop: a whole unit, or a copied tensor in chunks of :data:`COPY_CHUNK` bytes."""
     if unit.kind == "copy":
         info = tensors[unit.sources[0]]
@@ -618,7 +618,7 @@ def _read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterato
     yield (unit.kind, unit, loaded)
 
 
-def _compute(item: tuple, plan: ConversionPlan, layout: Layout, device: torch.device, stats: dict) -> tuple[list, int]:
+def compute_unit(item: tuple, plan: ConversionPlan, layout: Layout, device: torch.device, stats: dict) -> tuple[list, int]:
     """Output tensors (CPU, in the unit's output order) and the source bytes they account for."""
     kind, unit, data = item
     if kind == "copy":

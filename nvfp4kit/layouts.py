@@ -199,9 +199,9 @@ def quantization_config(
         algo = {"quant_algo": "NVFP4" if layout.w4a4 else "W4A16_NVFP4", "group_size": 16}
         layers: dict[str, dict] = {}
         for m in quantized:
-            layers[_modelopt_key(m, L)] = dict(algo)
+            layers[modelopt_key(m, L)] = dict(algo)
         for m in kept_fp8:
-            layers[_modelopt_key(m, L)] = {"quant_algo": "FP8_PB_WO"}
+            layers[modelopt_key(m, L)] = {"quant_algo": "FP8_PB_WO"}
         cfg = {
             "quant_method": "modelopt",
             "quant_algo": "MIXED_PRECISION",
@@ -227,7 +227,7 @@ def quantization_config(
     return cfg, legacy
 
 
-def _modelopt_key(module: str, num_hidden_layers: int) -> str:
+def modelopt_key(module: str, num_hidden_layers: int) -> str:
     """ModelOpt ``quantized_layers`` key: experts by their RoutedExperts prefix; MTP under its runtime name."""
     key = re.sub(r"\.experts\.\d+\.w[123]$", ".experts", module)
     return runtime_module(key, num_hidden_layers) if key.startswith("mtp.") else key

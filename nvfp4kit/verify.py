@@ -33,7 +33,7 @@ import torch
 from .checkpoint import Checkpoint, configured_block_size, open_checkpoint
 from .convert import REPORT_NAME, STATE_DIR
 from .fp8 import dequantize_fp8_blocks, infer_block_size
-from .layouts import FP8_BLOCK_WEIGHTS, NVFP4_WEIGHTS, Layout, _modelopt_key, runtime_module
+from .layouts import FP8_BLOCK_WEIGHTS, NVFP4_WEIGHTS, Layout, modelopt_key, runtime_module
 from .nvfp4 import NVFP4Tensor, dequantize_nvfp4, reconstruction_error
 from .rules import collapse, fused_group, module_name, rule_for
 from .safetensors_io import TensorInfo, TensorSpec, read_tensor
@@ -379,11 +379,11 @@ def _modelopt_describes(ckpt: Checkpoint, inv: Inventory, qcfg: dict) -> tuple[l
         if key not in qcfg:
             problems.append(f"modelopt quantization_config lacks {key!r}")
     for module in inv.nvfp4:
-        algo = (layers.get(_modelopt_key(module, inv.num_hidden_layers)) or {}).get("quant_algo")
+        algo = (layers.get(modelopt_key(module, inv.num_hidden_layers)) or {}).get("quant_algo")
         if algo != nvfp4_algo:
             problems.append(f"{module}: NVFP4 tensors but quantized_layers gives {algo!r}, expected {nvfp4_algo}")
     for module in inv.fp8:
-        algo = (layers.get(_modelopt_key(module, inv.num_hidden_layers)) or {}).get("quant_algo")
+        algo = (layers.get(modelopt_key(module, inv.num_hidden_layers)) or {}).get("quant_algo")
         if algo != "FP8_PB_WO":
             problems.append(f"{module}: kept FP8 but quantized_layers gives {algo!r}, expected FP8_PB_WO")
     problems += _hf_quant_config_problems(ckpt, required=("quant_algo", "kv_cache_quant_algo", "group_size",

@@ -55,7 +55,7 @@ def _raise(code: int, path: str | None) -> None:
 # POINT -> (attribute of nvfp4kit.convert or of os, path pattern its first argument must match or None, fire after
 # the call instead of before it). Order follows a run.
 POINTS: dict[str, tuple[str, str | None, bool]] = {
-    "plan_written": ("_atomic_write_json", r"fingerprint\.json$", False),  # state half set up: plan.json only
+    "plan_written": ("atomic_write_json", r"fingerprint\.json$", False),  # state half set up: plan.json only
     "side_file": ("os.replace", r"/(tokenizer|encoding/|inference/).*\.partial$", False),  # a copy not yet renamed
     "compute": ("quantize_group", None, False),  # a worker mid-tensor: unit read, NVFP4 not yet written
     "tensor_written": ("tensor_bytes", None, False),  # a worker mid-shard: earlier tensors written, maybe buffered
