@@ -79,7 +79,7 @@ def convert(src: str, dst: str, options: Options, settings: Settings, activation
     src, dst = os.path.realpath(src), os.path.realpath(dst)
     if dst == src or dst.startswith(src + os.sep):
         raise ConvertError(f"destination {dst} is inside the source {src}: choose a folder outside it")
-    if os.path.realpath(src).startswith(dst + os.sep):
+    if src.startswith(dst + os.sep):
         raise ConvertError(f"the source {src} is inside the destination {dst}: choose another destination")
     ckpt = open_checkpoint(src)
     amax = load_activation_amax(activation_scales) if activation_scales else None
@@ -92,6 +92,9 @@ def convert(src: str, dst: str, options: Options, settings: Settings, activation
         plan.output_bytes / 1e9, options.format, Layout(options.format, bool(amax)).scheme,
     )
     if settings.dry_run:
+        from .report import checkpoint_facts, render_report  # the same report as inspect_model.py
+
+        print(render_report(checkpoint_facts(ckpt, options, amax)))
         return {"dry_run": True, "expected_output_bytes": plan.output_bytes, "shards": len(plan.shards)}
 
     fingerprint = _fingerprint(ckpt, plan)

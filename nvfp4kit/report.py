@@ -66,10 +66,13 @@ class _PatternRow:
 
 
 # --- facts ------------------------------------------------------------------------------------------------------
-def checkpoint_facts(ckpt: Checkpoint, options: Options = Options()) -> dict:
-    """Everything the report says, as plain JSON types. ``convertible`` is False when any problem blocks Path A."""
+def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
+                     activation_amax: dict[str, float] | None = None) -> dict:
+    """Everything the report says, as plain JSON types. ``convertible`` is False when any problem blocks Path A.
+
+    ``activation_amax``: the converter's ``--activation-scales``, when the report previews a W4A4 run."""
     pairs, blocks, _ = fp8_pairs(ckpt)
-    plan, problems = _try_plan(ckpt, options)
+    plan, problems = _try_plan(ckpt, options, activation_amax)
     scale_of_weight = pairs
     scales = set(pairs.values())
     rows: dict[str, _PatternRow] = {}
@@ -125,10 +128,12 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options()) -> dict:
     }
 
 
-def _try_plan(ckpt: Checkpoint, options: Options) -> tuple[ConversionPlan | None, list[str]]:
+def _try_plan(
+    ckpt: Checkpoint, options: Options, activation_amax: dict[str, float] | None = None
+) -> tuple[ConversionPlan | None, list[str]]:
     """The converter's own plan, or the problems that stop it (checkpoint, pairing and flag problems alike)."""
     try:
-        return build_plan(ckpt, options), []
+        return build_plan(ckpt, options, activation_amax), []
     except PlanError as e:
         return None, e.problems
 
