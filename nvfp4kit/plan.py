@@ -183,6 +183,9 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
         elif name not in scales:
             actions[name] = Action.KEEP.value
     problems += _fused_group_problems(actions)
+    kept_blocks = {blocks[m + ".weight"] for m, a in actions.items() if a == Action.KEEP_FP8.value and m + ".weight" in blocks}
+    if len(kept_blocks) > 1:  # the output config describes the kept FP8 linears with one block structure
+        problems.append(f"kept FP8 weights use different block sizes {sorted(kept_blocks)}; the output config holds one")
     if activation_amax is not None:
         missing = [m for m, a in actions.items() if a == Action.QUANTIZE.value and m not in activation_amax]
         bad = [m for m, a in (activation_amax or {}).items() if not (0 < a < float("inf"))]
@@ -197,7 +200,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     shards = _pack_shards(units, options.max_shard_size)
     quantized = sorted(m for m, a in actions.items() if a == Action.QUANTIZE.value)
     kept_fp8 = sorted(m for m, a in actions.items() if a == Action.KEEP_FP8.value)
-    block = next(iter(blocks.values()), (128, 128))
+    block = next(iter(kept_blocks), (128, 128))
     qcfg, hf_qcfg = quantization_config(layout, quantized, kept_fp8, ckpt.config, block)
     amax = {m: activation_amax[m] for m in quantized} if activation_amax is not None else {}
     return ConversionPlan(ckpt.root, options, units, shards, actions, blocks, qcfg, hf_qcfg, amax)

@@ -301,3 +301,22 @@ def test_logits_through_compressed_tensors_decoding_stay_close_to_fp8(tiny_src, 
     print(f"{output}: relative logits error {rel(via_ct, fp8):.3e}; CT vs kit decoding {rel(via_ct, via_kit):.3e}")
     assert rel(via_ct, fp8) <= bound
     assert rel(via_ct, via_kit) <= 0.02
+
+
+def test_kept_fp8_weights_with_another_block_size_are_refused(tiny_src, tmp_path):
+    """The output config gives all kept FP8 linears one block structure: a second block size cannot be described."""
+    from nvfp4kit.safetensors_io import read_header, save_file
+
+    src = str(tmp_path / "src")
+    shutil.copytree(tiny_src, src)
+    victim = "layers.0.ffn.shared_experts.w1.scale"
+    shard = open_checkpoint(src).tensors[victim].file
+    tensors = {n: read_tensor(i) for n, i in read_header(shard)[0].items()}
+    rows, cols = (d // 64 for d in open_checkpoint(src).tensors["layers.0.ffn.shared_experts.w1.weight"].shape)
+    tensors[victim] = torch.ones(rows, cols).to(torch.float8_e8m0fnu)  # 64x64 blocks
+    save_file(tensors, shard)
+    index = json.load(open(os.path.join(src, INDEX_NAME)))
+    index["metadata"]["total_size"] = open_checkpoint(src).total_bytes
+    json.dump(index, open(os.path.join(src, INDEX_NAME), "w"))
+    with pytest.raises(PlanError, match=r"different block sizes \[\(64, 64\), \(128, 128\)\]"):
+        convert(src, str(tmp_path / "out"), Options(), Settings())
