@@ -98,11 +98,11 @@ def copy_floor(src: str, out: str, output_bytes: int) -> dict:
             "gbps": ckpt.total_bytes / seconds / 1e9, "written_bytes": written}
 
 
-def path_a(src: str, out: str, workers: int, device: str) -> dict:
+def path_a(src: str, out: str, workers: int, device: str, max_shard_size: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     drop_cache(src)
     cmd = [sys.executable, os.path.join(ROOT, "fp8_to_nvfp4_streaming.py"), "--src", src, "--dst", out,
-           "--workers", str(workers), "--device", device]
+           "--workers", str(workers), "--device", device, "--max-shard-size", max_shard_size]
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.time() - t
@@ -205,6 +205,9 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     p.add_argument("--devices", default="cuda,cpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-shard-size", default="1GB",
+                   help="Path A's output shards; small enough that workers get equal work, as the ~180 shards of the "
+                        "real 0.9 TB output do (default 1GB)")
     p.add_argument("--compute-tensors", type=int, default=24, help="expert tensors for the compute-only rows")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
@@ -219,7 +222,7 @@ def main() -> None:
     digests = None
     for device in args.devices.split(","):
         for workers in map(int, args.workers.split(",")):
-            row = path_a(src, os.path.join(args.work, "out"), workers, device)
+            row = path_a(src, os.path.join(args.work, "out"), workers, device, args.max_shard_size)
             same = digests is None or row["digests"] == digests
             digests = digests or row["digests"]
             row["same_bytes_as_first_run"] = same
