@@ -482,19 +482,26 @@ def test_chunked_quantization_equals_one_pass(monkeypatch, seed, gen):
 def test_peak_memory_of_a_large_tensor():
     """7168 x 3072 float32 (88 MB in, 12 MB out): peak RSS stays within a few hundred MB of the input.
 
-    Measured in a fresh process: peak RSS after quantizing minus current RSS before (conservative: an earlier
-    import peak counts against us).
+    Measured in a fresh process: the peak RSS (VmHWM) during the call minus the RSS before it. The peak is reset
+    first (``/proc/self/clear_refs``), else the import's own peak would count against the call when the kernel has
+    since reclaimed pages of it.
     """
     script = textwrap.dedent(
         """
-        import resource, torch
+        import torch
         from nvfp4kit import nvfp4
+
+        def status_kb(field):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
         x = torch.randn(7168, 3072)
         gs = nvfp4.global_scale_from_amax(nvfp4.amax(x))
-        with open("/proc/self/statm") as f:
-            before_kb = int(f.read().split()[1]) * resource.getpagesize() // 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before_kb = status_kb("VmRSS")
         q = nvfp4.quantize_nvfp4(x, gs)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb)
+        print(status_kb("VmHWM") - before_kb)
         """
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -502,7 +509,7 @@ def test_peak_memory_of_a_large_tensor():
                           env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "2"})
     extra_mb = int(done.stdout.split()[-1]) / 1024
     print(f"\npeak extra memory quantizing 7168x3072 float32: {extra_mb:.0f} MB")
-    assert extra_mb < 400
+    assert extra_mb < 300  # measured 199 MB; a float64 copy of the input alone would add 176 MB
 
 
 def test_reconstruction_error_values():
