@@ -449,7 +449,8 @@ def _worker_main(k: int, job: _WorkerJob, jobs, events) -> None:
     device = _worker_device(job.device, k)
     shards = {s.name: s for s in job.plan.shards}
     try:
-        while (name := jobs.get()) is not None:
+        # A parent killed outright (OOM killer, kill -9) cannot stop us: stop ourselves before the next shard.
+        while (name := jobs.get()) is not None and mp.parent_process().is_alive():
             entry = _write_one_shard(job, shards[name], device, lambda n: events.put(("progress", n)))
             entry["worker"] = k
             events.put(("shard", entry))
@@ -461,6 +462,8 @@ def _worker_main(k: int, job: _WorkerJob, jobs, events) -> None:
         events.put(("error", f"worker {k} failed:\n{traceback.format_exc()}"))
     finally:
         events.put(("exit", k))
+        if not mp.parent_process().is_alive():
+            events.cancel_join_thread()  # nobody reads the queue any more: exiting must not wait on a full pipe
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing left to clean up: the parent's terminate() just ends it
         signal.signal(signal.SIGINT, _ignore)
 
