@@ -4,8 +4,9 @@
     python bench/bench_path_a.py --work /nvme/bench --layers 1 --experts 32 --workers 1,2,4 --json bench.json
 
 1. Generates (or reuses) a ``pro-layers`` synthetic checkpoint with the real V4 Pro shapes under WORK/src.
-2. Copy floor: reads every source byte and writes as many bytes as Path A's output, with plain safetensors
-   (``load_file`` / ``save_file``), no quantization.
+2. Copy floor: reads every source byte and writes as many bytes as Path A's output (each shard's share, to the
+   byte), with plain safetensors (``load_file`` / ``save_file``, then fsync), no quantization. Timed in this
+   process, so it pays no interpreter or ``import torch`` start-up; Path A's rows do.
 3. Path A end to end (the real script in a subprocess) for each worker count on CPU and, with CUDA, on GPU;
    checks that every run wrote the same bytes.
 4. Compute only, on the same expert tensors: the kit's quantizer, ModelOpt's ``NVFP4QTensor`` and
@@ -81,10 +82,15 @@ def copy_floor(src: str, out: str, output_bytes: int) -> dict:
         budget = ratio * sum(v.numel() * v.element_size() for v in tensors.values())
         keep, size = {}, 0
         for name, v in tensors.items():
-            if size >= budget:
+            n = v.numel() * v.element_size()
+            if size + n > budget:  # the last tensor cut to the byte, so the floor writes what Path A writes
+                rest = int(budget - size)
+                if rest > 0:
+                    keep[name] = v.reshape(-1).view(torch.uint8)[:rest].clone()
+                    size += rest
                 break
             keep[name] = v
-            size += v.numel() * v.element_size()
+            size += n
         path = os.path.join(out, shard)
         save_file(keep, path)
         fd = os.open(path, os.O_RDONLY)

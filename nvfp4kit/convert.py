@@ -53,7 +53,7 @@ STATE_DIR = ".nvfp4kit"
 LOCK_NAME = ".nvfp4kit.lock"
 REPORT_NAME = "conversion_report.json"
 COPY_CHUNK = 64 * 2**20  # bytes per read of a tensor copied as is (bounds memory for 1.85 GB embeddings)
-SYNC_EVERY = 512 * 2**20  # bytes written between two fdatasync calls of a shard
+SYNC_EVERY = 128 * 2**20  # bytes written between two fdatasync calls of a shard (so its final fsync is short)
 
 
 class ConvertError(RuntimeError):
@@ -366,7 +366,7 @@ def _sha256_file(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shards: a pool of worker processes, a tqdm bar over source bytes in the parent
+# Shards: one worker in this process, or a pool of worker processes; a tqdm bar over source bytes here
 # ---------------------------------------------------------------------------------------------------------------
 def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, settings: Settings) -> dict[str, dict]:
     from tqdm import tqdm
@@ -377,23 +377,54 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
     done: dict[str, dict] = {}
     if not todo:
         return done
+    workers = max(1, min(settings.workers, len(todo)))
+    job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
+               smoothing=0.05, mininterval=1.0)
+
+    def record(entry: dict) -> None:
+        _append_manifest(state, entry)
+        done[entry["name"]] = entry
+        log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s of source), worker %d, %d/%d shards", entry["name"],
+                 entry["size"] / 1e9, entry["seconds"], entry["source_bytes"] / max(entry["seconds"], 1e-9) / 1e9,
+                 entry["worker"], len(done), len(todo))
+
+    try:
+        with logging_redirect_tqdm():
+            if workers == 1:
+                _write_here(job, todo, bar.update, record)
+            else:
+                _write_in_workers(job, todo, workers, bar.update, record)
+    finally:
+        bar.close()
+    return done
+
+
+def _write_here(job: _WorkerJob, todo: list, progress, record) -> None:
+    """One worker: this process writes the shards itself, which saves a second ``import torch`` and a spawn
+    (seconds: a large share of a small run)."""
+    device = _worker_device(job.device, 0)
+    for shard in todo:
+        try:
+            entry = _write_one_shard(job, shard, device, progress)
+        except (FP8FormatError, NVFP4FormatError) as e:
+            raise ConvertError(str(e)) from e
+        record({**entry, "worker": 0})
+
+
+def _write_in_workers(job: _WorkerJob, todo: list, workers: int, progress, record) -> None:
+    """Several workers: processes that take shards from a queue, each on its own GPU (or sharing the CPU)."""
     ctx = mp.get_context("spawn")
     jobs, events = ctx.Queue(), ctx.Queue()
     for shard in todo:
         jobs.put(shard.name)
-    workers = max(1, min(settings.workers, len(todo)))
     for _ in range(workers):
         jobs.put(None)
-    job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers))
     procs = [ctx.Process(target=_worker_main, args=(k, job, jobs, events), daemon=True) for k in range(workers)]
     with _workers_start_ignoring_sigint():
         for p in procs:
             p.start()
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
-               smoothing=0.05, mininterval=1.0)
     finished = 0
-    redirect = logging_redirect_tqdm()
-    redirect.__enter__()
     try:
         while finished < workers:
             try:
@@ -404,21 +435,14 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
                     raise ConvertError(f"a worker died (exit code {dead[0].exitcode}); rerun the same command to resume")
                 continue
             if kind == "progress":
-                bar.update(payload)
+                progress(payload)
             elif kind == "shard":
-                _append_manifest(state, payload)
-                done[payload["name"]] = payload
-                log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s of source), worker %d, %d/%d shards",
-                         payload["name"], payload["size"] / 1e9, payload["seconds"],
-                         payload["source_bytes"] / max(payload["seconds"], 1e-9) / 1e9, payload["worker"],
-                         len(done), len(todo))
+                record(payload)
             elif kind == "error":
                 raise ConvertError(payload)
             elif kind == "exit":
                 finished += 1
     finally:
-        redirect.__exit__(None, None, None)
-        bar.close()
         deadline = time.time() + 2  # a worker that reported an error is exiting on its own: let it finish
         for p in procs:
             p.join(timeout=max(0.0, deadline - time.time()))
@@ -430,7 +454,6 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
             if p.is_alive():
                 p.kill()
                 p.join()
-    return done
 
 
 @dataclass

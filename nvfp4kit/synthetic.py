@@ -25,6 +25,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -458,12 +459,14 @@ def materialize(r: Recipe, seed: int, scale_dtype: torch.dtype) -> dict[str, tor
 # Writing the folder.
 
 
-def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "ue8m0", **overrides) -> None:
+def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "ue8m0", jobs: int = 1,
+             **overrides) -> None:
     """Write a synthetic V4 FP8 checkpoint folder to ``dst``.
 
     ``overrides`` replace config.json fields of the preset (e.g. ``num_hidden_layers=2, n_routed_experts=16``);
     ``scale_dtype`` is ``"ue8m0"`` (as the repack) or ``"f32"`` (same values, float32 ``.scale`` tensors).
-    The same arguments always give the same bytes.
+    ``jobs`` tensors are drawn at a time (threads: torch's random draws run on one core each). The same arguments
+    always give the same bytes, whatever ``jobs``: every tensor has its own generator.
     """
     cfg = model_config(preset, **overrides)
     os.makedirs(dst, exist_ok=True)
@@ -475,18 +478,18 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
             by_shard[shard_number(name, cfg)].append(name)
     weight_map: dict[str, str] = {}
     total_size = 0
-    for number, names in by_shard.items():
-        wanted = set(names)
-        tensors: dict[str, torch.Tensor] = {}
-        # A recipe whose pair is split across shards is drawn once per shard: same seed, same values.
-        for r in recipes:
-            if wanted.intersection(r.tensor_names()):
-                made = materialize(r, seed, SCALE_DTYPES[scale_dtype])
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for number, names in by_shard.items():
+            wanted = set(names)
+            tensors: dict[str, torch.Tensor] = {}
+            # A recipe whose pair is split across shards is drawn once per shard: same seed, same values.
+            needed = [r for r in recipes if wanted.intersection(r.tensor_names())]
+            for made in pool.map(lambda r: materialize(r, seed, SCALE_DTYPES[scale_dtype]), needed):
                 tensors.update({n: t for n, t in made.items() if n in wanted})
-        path = shard_file(number, total)
-        save_file(tensors, os.path.join(dst, path))
-        weight_map.update({n: path for n in tensors})
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+            path = shard_file(number, total)
+            save_file(tensors, os.path.join(dst, path))
+            weight_map.update({n: path for n in tensors})
+            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(dst, INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     write_json(dst, "config.json", cfg)
     write_side_files(dst, cfg)
@@ -600,13 +603,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, help="num_hidden_layers override")
     ap.add_argument("--experts", type=int, help="n_routed_experts override")
     ap.add_argument("--scale-dtype", default="ue8m0", choices=sorted(SCALE_DTYPES))
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="tensors drawn at a time (default: cores)")
     args = ap.parse_args(argv)
     overrides = {}
     if args.layers is not None:
         overrides["num_hidden_layers"] = args.layers
     if args.experts is not None:
         overrides["n_routed_experts"] = args.experts
-    generate(args.dst, args.preset, args.seed, scale_dtype=args.scale_dtype, **overrides)
+    generate(args.dst, args.preset, args.seed, scale_dtype=args.scale_dtype, jobs=args.jobs, **overrides)
 
 
 if __name__ == "__main__":

@@ -325,16 +325,17 @@ def test_kept_fp8_weights_with_another_block_size_are_refused(tiny_src, tmp_path
 def test_workers_stop_when_the_parent_is_killed_outright(tiny_src, tmp_path):
     """kill -9 of the parent alone (the OOM killer): each worker finishes at most its current shard, then exits."""
     dst = str(tmp_path / "orphans")
-    cmd = [sys.executable, SCRIPT, "--src", tiny_src, "--dst", dst, "--device", "cpu", "--workers", "1",
+    cmd = [sys.executable, SCRIPT, "--src", tiny_src, "--dst", dst, "--device", "cpu", "--workers", "2",
            "--max-shard-size", "1MB"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = os.path.join(dst, ".nvfp4kit", "manifest.jsonl")
     deadline = time.time() + 120
-    while time.time() < deadline and not (os.path.exists(manifest) and os.path.getsize(manifest) > 0):
-        time.sleep(0.01)
+    while time.time() < deadline and not (
+        os.path.isdir(dst) and any(n.endswith(".safetensors") for n in os.listdir(dst))
+    ):
+        time.sleep(0.005)
     with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
         workers = [int(p) for p in f.read().split()]
-    assert workers, "the converter should have started a worker"
+    assert len(workers) >= 2, "the converter should have started two workers"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     shards_then = len([n for n in os.listdir(dst) if n.endswith(".safetensors")])
@@ -345,4 +346,4 @@ def test_workers_stop_when_the_parent_is_killed_outright(tiny_src, tmp_path):
     assert not any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers)
     written = len([n for n in os.listdir(dst) if n.endswith(".safetensors")])
     total = len(json.load(open(os.path.join(dst, ".nvfp4kit", "plan.json")))["shards"])
-    assert written <= shards_then + 1 < total, (shards_then, written, total)
+    assert written <= shards_then + 2 < total, (shards_then, written, total)

@@ -280,10 +280,10 @@ def test_kill_at_a_random_time_then_rerun_gives_identical_bytes(mini_src, refere
     resume_and_compare(mini_src, dst, reference)
 
 
-@pytest.mark.parametrize("action", ["sigint", "sigterm"])
-def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, action, tmp_path):
+@pytest.mark.parametrize("action, workers", [("sigint", 1), ("sigterm", 1), ("sigint", 2), ("sigterm", 2)])
+def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, action, workers, tmp_path):
     dst = str(tmp_path / "out")
-    stopped = convert_cli(mini_src, dst, workers=2, fault=f"tensor_written:20:{action}")
+    stopped = convert_cli(mini_src, dst, workers=workers, fault=f"tensor_written:20:{action}")
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert RESUME_HINT in stopped.message
     assert "Traceback" not in stopped.stderr

@@ -183,8 +183,8 @@ def stress_input(gen: torch.Generator) -> torch.Tensor:
     return torch.cat([ties, tiny, large, fp8_sourced((96, COLS), gen)])
 
 
-def swapped_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    return codes[..., 1::2] | (codes[..., 0::2] << 4)
+def swapped_nibbles(codes: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.bitwise_or(codes[..., 1::2], codes[..., 0::2] << 4, out=out)
 
 
 def reciprocal_global_scale(amax):
@@ -194,10 +194,8 @@ def reciprocal_global_scale(amax):
 MUTATIONS = {
     "none": [],
     "high_nibble_first": [("pack_e2m1", swapped_nibbles)],
-    # Every boundary moved just below itself: every tie rounds up (away from zero) instead of to the even code.
-    "ties_away_from_zero": [
-        ("_E2M1_SEARCH_BOUNDS", tuple(float(torch.nextafter(torch.tensor(b), torch.tensor(0.0))) for b in nvfp4._E2M1_BOUNDS))
-    ],
+    # Every tie rounds up (away from zero) instead of to the even code.
+    "ties_away_from_zero": [("_E2M1_ROUND_UP_TIES", nvfp4._E2M1_BOUNDS)],
     "no_2^-9_floor": [("BLOCK_SCALE_MIN", 0.0)],
     # No "no 448 cap" mutant: torch's E4M3 cast saturates, so dropping the cap changes nothing (see
     # test_e4m3_cast_saturates); the cap stays as a safeguard for casts that do not.
@@ -388,7 +386,9 @@ def test_packing_golden_bytes():
 @pytest.mark.parametrize(
     "value, code",
     [(0.25, 0x0), (0.75, 0x2), (1.25, 0x2), (1.75, 0x4), (2.5, 0x4), (3.5, 0x6), (5.0, 0x6),
-     (0.3, 0x1), (7.0, 0x7), (-1e-3, 0x8), (-2.5, 0xC), (-5.5, 0xF)],
+     (0.3, 0x1), (7.0, 0x7), (-1e-3, 0x8), (-2.5, 0xC), (-5.5, 0xF),
+     (-0.25, 0x8), (-0.75, 0xA), (-1.25, 0xA), (-1.75, 0xC), (-3.5, 0xE), (-5.0, 0xE), (-6.0, 0xF), (-7.0, 0xF),
+     (0.0, 0x0), (-0.0, 0x0), (-1e-45, 0x8), (6.0, 0x7), (-0.5, 0x9), (4.0, 0x6)],
 )
 def test_e2m1_rounding(value, code):
     y = torch.tensor([value])
