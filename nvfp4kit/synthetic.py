@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ PRESETS: dict[str, dict] = {
     "pro-layers": {"num_hidden_layers": 2, "n_routed_experts": 8},
 }
 SCALE_DTYPES = {"ue8m0": torch.float8_e8m0fnu, "f32": torch.float32}
+SHARDS_IN_FLIGHT = 4  # shards drawn ahead of the one being written (bounds memory with --jobs)
 
 
 def model_config(preset: str = "tiny", **overrides) -> dict:
@@ -478,18 +480,28 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
             by_shard[shard_number(name, cfg)].append(name)
     weight_map: dict[str, str] = {}
     total_size = 0
+
+    def write_shard(number: int, drawn: list) -> None:
+        nonlocal total_size
+        wanted = set(by_shard[number])
+        tensors = {n: t for made in drawn for n, t in made.result().items() if n in wanted}
+        path = shard_file(number, total)
+        save_file(tensors, os.path.join(dst, path))
+        weight_map.update({n: path for n in tensors})
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # Shards are drawn a few at a time (a single large tensor such as the embedding runs on one thread while the
+    # others draw the next shards), and written in order; at most SHARDS_IN_FLIGHT of them sit in memory.
+    in_flight: deque[tuple[int, list]] = deque()
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         for number, names in by_shard.items():
-            wanted = set(names)
-            tensors: dict[str, torch.Tensor] = {}
             # A recipe whose pair is split across shards is drawn once per shard: same seed, same values.
-            needed = [r for r in recipes if wanted.intersection(r.tensor_names())]
-            for made in pool.map(lambda r: materialize(r, seed, SCALE_DTYPES[scale_dtype]), needed):
-                tensors.update({n: t for n, t in made.items() if n in wanted})
-            path = shard_file(number, total)
-            save_file(tensors, os.path.join(dst, path))
-            weight_map.update({n: path for n in tensors})
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+            needed = [r for r in recipes if set(names).intersection(r.tensor_names())]
+            in_flight.append((number, [pool.submit(materialize, r, seed, SCALE_DTYPES[scale_dtype]) for r in needed]))
+            if len(in_flight) >= SHARDS_IN_FLIGHT:
+                write_shard(*in_flight.popleft())
+        while in_flight:
+            write_shard(*in_flight.popleft())
     write_json(dst, INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     write_json(dst, "config.json", cfg)
     write_side_files(dst, cfg)
