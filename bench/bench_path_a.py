@@ -220,8 +220,12 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     src = ensure_source(args.work, args.layers, args.experts)
     plan = build_plan(open_checkpoint(src), Options())
+    t = time.time()
+    subprocess.run([sys.executable, "-c", "import nvfp4kit.convert"], cwd=ROOT, check=True)
+    startup = time.time() - t  # what every Path A run pays before its first read
     results = {"machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                           "torch": torch.__version__}, "source_bytes": plan.source_bytes, "rows": []}
+                           "torch": torch.__version__, "import_seconds": round(startup, 2)},
+               "source_bytes": plan.source_bytes, "rows": []}
     floor = copy_floor(src, os.path.join(args.work, "copy"), plan.output_bytes)
     results["rows"].append(floor)
     print(f"copy floor: {floor['gbps']:.2f} GB/s", flush=True)
