@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -104,39 +103,36 @@ def reference_block_scales(block_amax: torch.Tensor, global_scale: torch.Tensor)
     return torch.where(s == 0, 1.0, s).clamp_(BLOCK_SCALE_MIN, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def _ceil_log2_of_sixth(amax: float) -> int:
-    """``ceil(log2(amax / 6))`` with ``amax / 6`` rounded to float32, as the device computes it (a float32 quotient
-    computed in double and rounded once is the correctly rounded float32 quotient)."""
-    (v,) = struct.unpack("f", struct.pack("f", amax / E2M1_MAX))
-    mantissa, exponent = math.frexp(v)
-    return exponent - (mantissa == 0.5)
+def group_amax(block_amaxes: list[torch.Tensor]) -> torch.Tensor:
+    """Largest magnitude over a group of tensors, from their :func:`block_amax` (float32 0-d, on their device)."""
+    return torch.stack([a.amax() if a.numel() else a.new_zeros(()) for a in block_amaxes]).amax()
 
 
-def exact_scales(block_amaxes: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+def _round_up_to_power_of_two(v: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= v for positive normal float32 ``v``: adding an all-ones mantissa carries into the
+    exponent unless v already is a power of two, and masking keeps the exponent alone."""
+    return ((v.view(torch.int32) + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+
+
+def exact_scales(block_amaxes: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Global scale 2^m and E4M3 block scales 2^(e - m) of the ``exact`` rule for a group's :func:`block_amax`.
 
     e = ceil(log2(block_amax / 6)): 2^e is the smallest power of two that brings every value of the block to at
     most 6, so E2M1 x 2^k data lands on the E2M1 grid. m = max(e) - 8 puts the largest block at E4M3's top power of
-    two (ModelOpt's MXFP4 cast does the same); all-zero blocks get 1. If some non-zero block then falls below 2^-9
-    (the group spans more than 17 binades), returns None. Whether the result is exact is not decided here:
-    :func:`quantize_group` quantizes and compares.
+    two (ModelOpt's MXFP4 cast does the same); all-zero blocks get 1. A group spanning more than 17 binades leaves
+    some non-zero block below E4M3's 2^-9: its scale casts to 0, so the exactness check of :func:`quantize_nvfp4`
+    refuses the group. Computed on the device without a host sync (this runs once per expert on a GPU).
     """
-    lo, hi = E4M3_POW2_EXPONENTS
-    nonzero = [a > 0 for a in block_amaxes]
-    # The largest and the smallest non-zero block amax of each tensor, in one host sync.
-    stats = torch.stack([torch.stack([a.amax(), torch.where(nz, a, math.inf).amin()])
-                         for a, nz in zip(block_amaxes, nonzero)]).tolist()
-    largest, smallest = max(s[0] for s in stats), min(s[1] for s in stats)
-    m = _ceil_log2_of_sixth(largest) - hi if largest > 0 else 0
-    if largest > 0 and _ceil_log2_of_sixth(smallest) - m < lo:
-        return None
-    block_scales = []
-    for a, nz in zip(block_amaxes, nonzero):
-        v = a / (E2M1_MAX * 2.0**m)  # = float32(a / 6) * 2^-m: the divisor's power of two only shifts the exponent
-        # Round up to a power of two: adding an all-ones mantissa carries into the exponent unless v already is one.
-        ceil_pow2 = ((v.view(torch.int32) + 0x007FFFFF) & 0x7F800000).view(torch.float32)
-        block_scales.append(torch.where(nz, ceil_pow2, 1.0).to(torch.float8_e4m3fn))
-    return torch.full((), 2.0**m, dtype=torch.float32, device=block_amaxes[0].device), block_scales
+    largest = group_amax(block_amaxes)
+    top = _round_up_to_power_of_two(largest / E2M1_MAX)  # 2^max(e)
+    # 2^m = 2^max(e) / 2^8, or 1 for an all-zero group; 6 * 2^m is exact, and dividing by it equals dividing by 6
+    # and then shifting the exponent.
+    global_scale = torch.where(largest > 0, top * 2.0 ** -E4M3_POW2_EXPONENTS[1], 1.0)
+    divisor = E2M1_MAX * global_scale
+    block_scales = [
+        torch.where(a > 0, _round_up_to_power_of_two(a / divisor), 1.0).to(torch.float8_e4m3fn) for a in block_amaxes
+    ]
+    return global_scale, block_scales
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,19 +278,16 @@ def quantize_group(
     tensors = [x.to(torch.float32) for x in tensors]
     amaxes = [block_amax(x) for x in tensors]
     if policy == "auto":
-        split = exact_scales(amaxes)
-        if split is not None:
-            gs, block_scales = split
-            out = []
-            for x, bs, n in zip(tensors, block_scales, names):
-                q = quantize_nvfp4(x, gs, bs, n, exact=True)
-                if q is None:
-                    break
-                out.append(q)
-            else:
-                return out, "exact"
-    joint = torch.stack([a.amax() if a.numel() else a.new_zeros(()) for a in amaxes]).amax()
-    gs = global_scale_from_amax(joint)
+        gs, block_scales = exact_scales(amaxes)
+        out = []
+        for x, bs, n in zip(tensors, block_scales, names):
+            q = quantize_nvfp4(x, gs, bs, n, exact=True)
+            if q is None:
+                break
+            out.append(q)
+        else:
+            return out, "exact"
+    gs = global_scale_from_amax(group_amax(amaxes))
     return [quantize_nvfp4(x, gs, reference_block_scales(a, gs), n) for x, a, n in zip(tensors, amaxes, names)], "reference"
 
 
