@@ -502,7 +502,8 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
                 write_shard(*in_flight.popleft())
         while in_flight:
             write_shard(*in_flight.popleft())
-    write_json(dst, INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    # Sorted by name, as transformers writes an index.
+    write_json(dst, INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(dst, "config.json", cfg)
     write_side_files(dst, cfg)
 
