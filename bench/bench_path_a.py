@@ -260,7 +260,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    p.add_argument("--devices", default="cuda,cpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--devices", default="cuda,cpu" if torch.cuda.is_available() else "cpu",
+                   help="devices for the end-to-end rows")
+    p.add_argument("--compute-devices", help="devices for the compute-only rows (default: --devices)")
     p.add_argument("--max-shard-size", default="1GB",
                    help="Path A's output shards; small enough that workers get equal work, as the ~180 shards of the "
                         "real 0.9 TB output do (default 1GB)")
@@ -301,7 +303,7 @@ def main() -> None:
             row = {"contender": f"llm-compressor model_free_ptq, {device}", "error": repr(e)[:300]}
         results["rows"].append(row)
         print(row, flush=True)
-    for device in args.devices.split(","):
+    for device in (args.compute_devices or args.devices).split(","):
         results["rows"] += compute_only(src, device, args.compute_tensors)
     print(render(results))
     if args.json:
