@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import re
-import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -43,7 +42,7 @@ import torch
 
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .convert import atomic_write_json, compute_unit, copy_side_files, read_unit
+from .convert import atomic_write_json, compute_unit, copy_side_files, peak_rss_bytes, read_unit
 from .hf_model import dequantized_source
 from .layouts import Layout
 from .nvfp4 import GLOBAL_SCALE_DIVISOR
@@ -163,7 +162,7 @@ def _hms(seconds: float) -> str:
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+    return peak_rss_bytes() / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -612,8 +612,18 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     return {"name": shard.name, "size": size, "sha256": h.hexdigest(), "seconds": time.time() - started,
             "source_bytes": sum(u.source_bytes for u in units), "tensors": stats,
             "busy_seconds": {k: round(v, 3) for k, v in busy.items()},
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM, which starts afresh at exec. (``ru_maxrss`` does not: a
+    converter started by a large process would report that process's peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def _fsync_dir(path: str) -> None:

@@ -347,3 +347,21 @@ def test_workers_stop_when_the_parent_is_killed_outright(tiny_src, tmp_path):
     written = len([n for n in os.listdir(dst) if n.endswith(".safetensors")])
     total = len(json.load(open(os.path.join(dst, ".nvfp4kit", "plan.json")))["shards"])
     assert written <= shards_then + 2 < total, (shards_then, written, total)
+
+
+def test_reported_peak_memory_is_the_converters_own(tiny_src, tmp_path):
+    """Started by a process holding 1.2 GB (as the benchmark does), the report still gives the converter's peak.
+
+    ``ru_maxrss`` survives exec on Linux, so it would report the parent's 1.2 GB; the tiny run itself needs far less.
+    """
+    dst = str(tmp_path / "out")
+    script = (
+        "import subprocess, sys, torch\n"
+        "held = torch.ones(1_200_000_000, dtype=torch.uint8)\n"
+        f"subprocess.run([sys.executable, {SCRIPT!r}, '--src', {tiny_src!r}, '--dst', {dst!r}, '--workers', '1',"
+        " '--device', 'cpu'], check=True, capture_output=True)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
+    with open(os.path.join(dst, "conversion_report.json")) as f:
+        peak = json.load(f)["peak_rss_bytes_per_worker"]
+    assert 0.1e9 < peak < 1.0e9, peak
