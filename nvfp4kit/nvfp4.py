@@ -164,8 +164,14 @@ def _lookup_table(values: tuple, dtype: torch.dtype, device: torch.device) -> to
 
 
 def _look_up(index: torch.Tensor, values: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """``values[index]`` elementwise for an int32 ``index`` (index_select takes int32: no int64 copy)."""
+    """``values[index]`` elementwise for an int32 ``index``.
+
+    One gather (index_select takes int32: no int64 copy), except for float32 tables on the CPU, where index_select
+    runs on one core (75 ms for 22 M elements on 16 cores, against 35 ms for indexing, measured).
+    """
     table = _lookup_table(values, dtype, index.device)
+    if index.device.type == "cpu" and dtype == torch.float32:
+        return table[index]
     return table.index_select(0, index.reshape(-1)).view(index.shape)
 
 
