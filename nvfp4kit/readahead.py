@@ -1,8 +1,10 @@
 """Warm the page cache with the first source bytes while the converter starts.
 
 Starting Path A costs seconds before its first read (``import torch``, CUDA initialisation): on a small checkpoint
-that is a large share of the run. Path A reads the source shards in name order, front to back, so the kernel can
-fetch their first bytes meanwhile. This module imports nothing heavy, so it runs before torch is imported.
+that is a large share of the run. Path A reads the source shards in name order, front to back, so a background
+thread reads their first bytes meanwhile (and drops them: the page cache keeps them for the real read). The
+thread really reads: ``POSIX_FADV_WILLNEED`` is capped by the kernel at the device's readahead window. This module
+imports nothing heavy, so it runs before torch is imported.
 """
 
 from __future__ import annotations
@@ -11,34 +13,37 @@ import os
 import threading
 
 READAHEAD_BYTES = 4 * 10**9  # about what the disk reads while torch imports
+READ_SIZE = 16 * 2**20
 
 
 def read_ahead(src: str, nbytes: int = READAHEAD_BYTES) -> threading.Thread | None:
-    """Ask the kernel (``POSIX_FADV_WILLNEED``, in a background thread) to read the first ``nbytes`` of the source
-    shards in the order Path A reads them. Harmless if the source is not a checkpoint folder."""
-    if not hasattr(os, "posix_fadvise") or not os.path.isdir(src):
+    """Read the first ``nbytes`` of the source shards, in the order Path A reads them, in a background thread.
+    Harmless if the source is not a checkpoint folder."""
+    if not os.path.isdir(src):
         return None
     files = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))
 
-    def advise() -> None:
+    def read() -> None:
+        buffer = bytearray(READ_SIZE)
         left = nbytes
         for name in files:
-            if left <= 0:
-                return
             try:
                 fd = os.open(os.path.join(src, name), os.O_RDONLY)
             except OSError:
                 continue
             try:
-                size = os.fstat(fd).st_size
-                os.posix_fadvise(fd, 0, min(size, left), os.POSIX_FADV_WILLNEED)
-                left -= size
+                offset = 0
+                while left > 0 and (n := os.preadv(fd, [memoryview(buffer)[: min(READ_SIZE, left)]], offset)) > 0:
+                    offset += n
+                    left -= n
             except OSError:
                 pass
             finally:
                 os.close(fd)
+            if left <= 0:
+                return
 
-    thread = threading.Thread(target=advise, name="readahead", daemon=True)
+    thread = threading.Thread(target=read, name="readahead", daemon=True)
     thread.start()
     return thread
 
