@@ -303,7 +303,7 @@ def main() -> None:
             row = {"contender": f"llm-compressor model_free_ptq, {device}", "error": repr(e)[:300]}
         results["rows"].append(row)
         print(row, flush=True)
-    for device in (args.compute_devices or args.devices).split(","):
+    for device in (args.compute_devices or args.devices).split(",") if args.compute_tensors else []:
         results["rows"] += compute_only(src, device, args.compute_tensors)
     print(render(results))
     if args.json:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 
-READAHEAD_BYTES = 4 * 10**9  # about what the disk reads while torch imports
+READAHEAD_BYTES = 8 * 10**9  # about what a fast disk reads while torch imports and CUDA starts
 READ_SIZE = 16 * 2**20
 
 
