@@ -259,7 +259,7 @@ def main() -> None:
     p.add_argument("--work", required=True, help="scratch folder on the disk under test")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts (0: no Path A rows)")
     p.add_argument("--devices", default="cuda,cpu" if torch.cuda.is_available() else "cpu",
                    help="devices for the end-to-end rows")
     p.add_argument("--compute-devices", help="devices for the compute-only rows (default: --devices)")
@@ -283,7 +283,7 @@ def main() -> None:
     print(f"copy floor: {floor['gbps']:.2f} GB/s", flush=True)
     digests = None
     for device in args.devices.split(","):
-        for workers in map(int, args.workers.split(",")):
+        for workers in [w for w in map(int, args.workers.split(",")) if w > 0]:
             row = path_a(src, os.path.join(args.work, "out"), workers, device, args.max_shard_size)
             same = digests is None or row["digests"] == digests
             digests = digests or row["digests"]

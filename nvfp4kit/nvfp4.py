@@ -105,7 +105,8 @@ def reference_block_scales(block_amax: torch.Tensor, global_scale: torch.Tensor)
 
 def group_amax(block_amaxes: list[torch.Tensor]) -> torch.Tensor:
     """Largest magnitude over a group of tensors, from their :func:`block_amax` (float32 0-d, on their device)."""
-    return torch.stack([a.amax() if a.numel() else a.new_zeros(()) for a in block_amaxes]).amax()
+    maxima = [a.amax() if a.numel() else a.new_zeros(()) for a in block_amaxes]
+    return maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax()
 
 
 def _round_up_to_power_of_two(v: torch.Tensor) -> torch.Tensor:
