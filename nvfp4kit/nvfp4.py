@@ -16,6 +16,7 @@ experts, MXFP4 before the FP8 repack): power-of-two global and block scales repr
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -158,6 +159,33 @@ def _e2m1_intervals(
     return tuple(negative + [below(0.0)] + positive), tuple(codes), tuple(values)
 
 
+_NOT_ON_GRID = 0x10  # the code flag of an interval that holds no E2M1 value
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_e2m1_intervals(
+    bounds: tuple[float, ...], round_up_ties: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """:func:`_e2m1_intervals` with each E2M1 value g split off into an interval of its own, (float32 below g, g].
+
+    One search then tells both the code and whether the value is exactly on the E2M1 grid: the codes of the other
+    intervals carry :data:`_NOT_ON_GRID`. (The boundary just below 0 is also the one that separates negatives
+    rounding to zero, 0x8, from +-0, 0x0.)
+    """
+    rounding, codes, values = _e2m1_intervals(bounds, round_up_ties)
+
+    def below(v: float) -> float:
+        return float(torch.nextafter(torch.tensor(v), torch.tensor(-math.inf)))
+
+    grid = sorted(set(values))
+    boundaries = sorted(set(rounding) | set(grid) | {below(g) for g in grid})
+    flagged = []
+    for i, right in enumerate(boundaries + [math.inf]):  # the interval (boundaries[i-1], right]
+        on_grid = right in grid and i > 0 and boundaries[i - 1] == below(right)
+        flagged.append(codes[bisect.bisect_left(rounding, right)] | (0 if on_grid else _NOT_ON_GRID))
+    return tuple(boundaries), tuple(flagged)
+
+
 @functools.lru_cache(maxsize=None)
 def _lookup_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small constant on ``device``, made once: a fresh host-to-GPU copy per call would stall the stream."""
@@ -191,6 +219,15 @@ def cast_to_e2m1(y: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 0..15) of float32 ``y``: nearest value, ties to the even code, saturating at +-6."""
     _, codes, _ = _e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES)
     return _look_up(e2m1_intervals(y), codes, torch.uint8)
+
+
+def cast_to_e2m1_exactly(y: torch.Tensor) -> torch.Tensor | None:
+    """E2M1 codes (uint8) of float32 ``y`` if every value of ``y`` is an E2M1 value, else None (one host sync)."""
+    assert y.dtype == torch.float32, "the boundaries are float32 values"
+    bounds, flagged = _exact_e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES)
+    codes = _look_up(torch.searchsorted(_lookup_table(bounds, torch.float32, y.device), y, out_int32=True),
+                     flagged, torch.uint8)
+    return codes if int(codes.max()) < _NOT_ON_GRID else None
 
 
 def e2m1_to_float(codes: torch.Tensor) -> torch.Tensor:
@@ -234,7 +271,6 @@ def quantize_nvfp4(
     M, N = x.shape
     packed = torch.empty(M, N // 2, dtype=torch.uint8, device=x.device)
     multiplier = (block_scale.to(torch.float32) * gs).unsqueeze(-1)  # [M, N/16, 1]
-    _, codes_of, values_of = _e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES)
     on_cpu = x.device.type == "cpu"
     step = max(1, (_CHUNK_ELEMENTS if on_cpu else _GPU_CHUNK_ELEMENTS) // N)
     starts = list(range(0, M, step))
@@ -247,11 +283,11 @@ def quantize_nvfp4(
             continue
         rows = end - r
         y = x[r:end].view(rows, N // BLOCK, BLOCK) / multiplier[r:end]
-        intervals = e2m1_intervals(y)
         # One host sync per chunk in exact mode (a GPU quantizes a whole expert in one chunk).
-        if exact and not torch.equal(_look_up(intervals, values_of, torch.float32), y):
+        codes = cast_to_e2m1_exactly(y) if exact else cast_to_e2m1(y)
+        if codes is None:
             return None
-        pack_e2m1(_look_up(intervals, codes_of, torch.uint8).view(rows, N), out=packed[r:end])
+        pack_e2m1(codes.view(rows, N), out=packed[r:end])
     return NVFP4Tensor(packed=packed, block_scale=block_scale, global_scale=gs.clone())
 
 

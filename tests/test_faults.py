@@ -70,8 +70,10 @@ def convert_cli(src: str, dst: str, *flags: str, workers: int = 1, fault: str | 
     if fault:
         env[FAULT_ENV] = fault
     cmd = [sys.executable, SCRIPT, "--src", src, "--dst", dst, "--workers", str(workers), *FLAGS, *flags]
+    # SIGINT at its default, as in a terminal: a shell that runs the suite in the background starts it ignored,
+    # and Python then never turns it into KeyboardInterrupt.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if kill_after is not None:
         try:
             proc.wait(kill_after)

@@ -396,6 +396,16 @@ def test_e2m1_rounding(value, code):
     assert int(NVFP4QTensor._cast_fp4(y.clone())) == code  # the reference rounds the same way
 
 
+def test_cast_exactly_accepts_the_grid_and_nothing_else():
+    """Every E2M1 value (and -0.0) casts to its own code; any other float32 makes the exact cast refuse."""
+    grid = nvfp4.e2m1_to_float(torch.arange(16, dtype=torch.uint8))
+    values = torch.cat([grid, torch.tensor([-0.0])])
+    assert torch.equal(nvfp4.cast_to_e2m1_exactly(values), nvfp4.cast_to_e2m1(values))
+    neighbours = torch.cat([torch.nextafter(grid, torch.tensor(math.inf)), torch.nextafter(grid, torch.tensor(-math.inf))])
+    for v in [*neighbours.tolist(), 0.25, 0.75, -5.0, 7.0, -1e-30, 1e-45]:
+        assert nvfp4.cast_to_e2m1_exactly(torch.tensor([0.5, v])) is None, v
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The exact policy
 # ---------------------------------------------------------------------------------------------------------------
