@@ -137,6 +137,11 @@ def exact_scales(block_amaxes: list[torch.Tensor]) -> tuple[torch.Tensor, list[t
     return global_scale, block_scales
 
 
+def _float32_below(v: float) -> float:
+    """The largest float32 below ``v``."""
+    return float(torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(-math.inf)))
+
+
 @functools.lru_cache(maxsize=None)
 def _e2m1_intervals(
     bounds: tuple[float, ...], round_up_ties: tuple[float, ...]
@@ -149,14 +154,11 @@ def _e2m1_intervals(
     below -b. The boundary at the largest negative float32 separates negatives that round to zero (code 0x8, as
     ModelOpt writes them) from +-0 (code 0x0).
     """
-    def below(v: float) -> float:
-        return float(torch.nextafter(torch.tensor(v), torch.tensor(-math.inf)))
-
-    negative = [-b if b in round_up_ties else below(-b) for b in reversed(bounds)]
-    positive = [below(b) if b in round_up_ties else b for b in bounds]
+    negative = [-b if b in round_up_ties else _float32_below(-b) for b in reversed(bounds)]
+    positive = [_float32_below(b) if b in round_up_ties else b for b in bounds]
     codes = [8 + m for m in range(len(bounds), -1, -1)] + list(range(len(bounds) + 1))
     values = [-E2M1_VALUES[c - 8] if c >= 8 else E2M1_VALUES[c] for c in codes]
-    return tuple(negative + [below(0.0)] + positive), tuple(codes), tuple(values)
+    return tuple(negative + [_float32_below(0.0)] + positive), tuple(codes), tuple(values)
 
 
 _NOT_ON_GRID = 0x10  # the code flag of an interval that holds no E2M1 value
@@ -174,14 +176,11 @@ def _exact_e2m1_intervals(
     """
     rounding, codes, values = _e2m1_intervals(bounds, round_up_ties)
 
-    def below(v: float) -> float:
-        return float(torch.nextafter(torch.tensor(v), torch.tensor(-math.inf)))
-
     grid = sorted(set(values))
-    boundaries = sorted(set(rounding) | set(grid) | {below(g) for g in grid})
+    boundaries = sorted(set(rounding) | set(grid) | {_float32_below(g) for g in grid})
     flagged = []
     for i, right in enumerate(boundaries + [math.inf]):  # the interval (boundaries[i-1], right]
-        on_grid = right in grid and i > 0 and boundaries[i - 1] == below(right)
+        on_grid = right in grid and i > 0 and boundaries[i - 1] == _float32_below(right)
         flagged.append(codes[bisect.bisect_left(rounding, right)] | (0 if on_grid else _NOT_ON_GRID))
     return tuple(boundaries), tuple(flagged)
 
