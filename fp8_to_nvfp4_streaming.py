@@ -48,4 +48,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (ConvertError, PlanError, CheckpointError, LayoutError, RuleError, OSError))
+    run_main(main, (ConvertError, PlanError, CheckpointError, LayoutError, RuleError, OSError), teardown=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -49,13 +50,28 @@ def options_from_args(args: argparse.Namespace) -> Options:
     )
 
 
-def run_main(main: Callable[[], int], errors: tuple[type[BaseException], ...]) -> None:
-    """Exit with ``main()``'s code; known errors print one clear message (no traceback) and exit 2."""
+def run_main(main: Callable[[], int], errors: tuple[type[BaseException], ...], teardown: bool = True) -> None:
+    """Exit with ``main()``'s code; known errors print one clear message (no traceback) and exit 2, Ctrl-C 130.
+
+    ``teardown=False`` (the converter) leaves after an error or Ctrl-C without interpreter teardown once the message
+    is out: after a shard was abandoned midway, torch's teardown at exit can abort the process ("terminate called
+    without an active exception", exit -6) and hide the exit code. Everything the run wrote is closed or removed
+    by then, and its lock goes with the process.
+    """
     try:
         sys.exit(main())
     except errors as e:
         logging.getLogger("nvfp4kit").error("%s", e)
-        sys.exit(2)
+        _exit(2, teardown)
     except KeyboardInterrupt:
         logging.getLogger("nvfp4kit").error("interrupted; rerun the same command to resume")
-        sys.exit(130)
+        _exit(130, teardown)
+
+
+def _exit(code: int, teardown: bool) -> None:
+    if teardown:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -518,17 +518,21 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     pin = device.type == "cuda"
     busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0}  # seconds each stage worked: where time goes
 
+    stop = threading.Event()  # set when the compute loop ends early: the reader stops at its next item
+
     def reader() -> None:
         try:
             for unit in units:
                 items = read_unit(unit, tensors, pin)
-                while True:
+                while not stop.is_set():
                     t0 = time.perf_counter()
                     item = next(items, _DONE)
                     busy["read"] += time.perf_counter() - t0
                     if item is _DONE:
                         break
                     reads.put(item)
+                if stop.is_set():
+                    break
         except BaseException as e:  # handed to the compute loop, which raises it with the tensor's name
             failure.append(e)
         reads.put(_DONE)
@@ -584,6 +588,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                        threading.Thread(target=writer, args=(f,), daemon=True)]
             for t in threads:
                 t.start()
+            item = None
             try:
                 while (item := reads.get()) is not _DONE and not failure:
                     t0 = time.perf_counter()
@@ -591,6 +596,12 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                     busy["compute"] += time.perf_counter() - t0
                     writes.put(out)
             finally:
+                # Every thread is joined, also after an error or Ctrl-C: a thread still inside torch when the
+                # interpreter exits can abort the process ("terminate called without an active exception").
+                stop.set()
+                while item is not _DONE:
+                    item = reads.get()
+                threads[0].join()
                 writes.put(_DONE)
                 threads[1].join()
             if failure:
