@@ -145,9 +145,9 @@ def _float32_below(v: float) -> float:
 @functools.lru_cache(maxsize=None)
 def _e2m1_intervals(
     bounds: tuple[float, ...], round_up_ties: tuple[float, ...]
-) -> tuple[tuple[float, ...], tuple[int, ...], tuple[float, ...]]:
-    """The 15 float32 boundaries that split the reals into 16 intervals, one per E2M1 code; each interval's code
-    and value.
+) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The 15 float32 boundaries that split the reals into 16 intervals, one per E2M1 code, and each interval's
+    code.
 
     ``searchsorted`` (left) puts y in interval i when ``bounds[i-1] < y <= bounds[i]``, so each boundary is placed
     where its tie must go: a round-up tie +b moves to the float32 just below b, a round-down tie -b to the one just
@@ -157,8 +157,7 @@ def _e2m1_intervals(
     negative = [-b if b in round_up_ties else _float32_below(-b) for b in reversed(bounds)]
     positive = [_float32_below(b) if b in round_up_ties else b for b in bounds]
     codes = [8 + m for m in range(len(bounds), -1, -1)] + list(range(len(bounds) + 1))
-    values = [-E2M1_VALUES[c - 8] if c >= 8 else E2M1_VALUES[c] for c in codes]
-    return tuple(negative + [_float32_below(0.0)] + positive), tuple(codes), tuple(values)
+    return tuple(negative + [_float32_below(0.0)] + positive), tuple(codes)
 
 
 _NOT_ON_GRID = 0x10  # the code flag of an interval that holds no E2M1 value
@@ -174,9 +173,8 @@ def _exact_e2m1_intervals(
     intervals carry :data:`_NOT_ON_GRID`. (The boundary just below 0 is also the one that separates negatives
     rounding to zero, 0x8, from +-0, 0x0.)
     """
-    rounding, codes, values = _e2m1_intervals(bounds, round_up_ties)
-
-    grid = sorted(set(values))
+    rounding, codes = _e2m1_intervals(bounds, round_up_ties)
+    grid = sorted({sign * v for v in E2M1_VALUES for sign in (1.0, -1.0)})  # 15 values: -0.0 == 0.0
     boundaries = sorted(set(rounding) | set(grid) | {_float32_below(g) for g in grid})
     flagged = []
     for i, right in enumerate(boundaries + [math.inf]):  # the interval (boundaries[i-1], right]
@@ -203,29 +201,24 @@ def _look_up(index: torch.Tensor, values: tuple, dtype: torch.dtype) -> torch.Te
     return table.index_select(0, index.reshape(-1)).view(index.shape)
 
 
-def e2m1_intervals(y: torch.Tensor) -> torch.Tensor:
-    """Index (int32 0..15) of the E2M1 rounding interval of each float32 value; see :func:`_e2m1_intervals`.
-
-    One search over signed boundaries: on a GPU, where quantization is memory-bound, that is far fewer passes
-    than rounding the magnitude and then setting the sign bit.
-    """
+def _codes_by_interval(y: torch.Tensor, intervals: tuple[tuple[float, ...], tuple[int, ...]]) -> torch.Tensor:
+    """The code of the interval each float32 value of ``y`` falls in: one search over signed boundaries and one
+    table lookup. On a GPU, where quantization is memory-bound, that is far fewer passes than rounding the magnitude
+    and then setting the sign bit."""
     assert y.dtype == torch.float32, "the boundaries are float32 values"
-    bounds, _, _ = _e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES)
-    return torch.searchsorted(_lookup_table(bounds, torch.float32, y.device), y, out_int32=True)
+    bounds, codes = intervals
+    index = torch.searchsorted(_lookup_table(bounds, torch.float32, y.device), y, out_int32=True)
+    return _look_up(index, codes, torch.uint8)
 
 
 def cast_to_e2m1(y: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8 0..15) of float32 ``y``: nearest value, ties to the even code, saturating at +-6."""
-    _, codes, _ = _e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES)
-    return _look_up(e2m1_intervals(y), codes, torch.uint8)
+    return _codes_by_interval(y, _e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES))
 
 
 def cast_to_e2m1_exactly(y: torch.Tensor) -> torch.Tensor | None:
     """E2M1 codes (uint8) of float32 ``y`` if every value of ``y`` is an E2M1 value, else None (one host sync)."""
-    assert y.dtype == torch.float32, "the boundaries are float32 values"
-    bounds, flagged = _exact_e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES)
-    codes = _look_up(torch.searchsorted(_lookup_table(bounds, torch.float32, y.device), y, out_int32=True),
-                     flagged, torch.uint8)
+    codes = _codes_by_interval(y, _exact_e2m1_intervals(_E2M1_BOUNDS, _E2M1_ROUND_UP_TIES))
     return codes if int(codes.max()) < _NOT_ON_GRID else None
 
 
