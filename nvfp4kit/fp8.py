@@ -97,15 +97,17 @@ def dequantize_fp8_blocks(
 
 
 def _dequantize_unchecked(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    assert weight.dtype == torch.float8_e4m3fn, "the float32 copy below is then a new tensor, safe to scale in place"
     M, N = weight.shape
     bm, bn = block
     sm, sn = scale.shape
     w = weight.to(torch.float32)
     s = scale.to(torch.float32)
     if M % bm == 0 and N % bn == 0:
-        # Fast path without materialising the expanded scale.
-        return (w.view(sm, bm, sn, bn) * s.view(sm, 1, sn, 1)).view(M, N)
-    return w * expand_block_scale(s, (M, N), block)
+        # In place and without materialising the expanded scale: one float32 tensor the size of the weight.
+        w.view(sm, bm, sn, bn).mul_(s.view(sm, 1, sn, 1))
+        return w
+    return w.mul_(expand_block_scale(s, (M, N), block))
 
 
 def quantize_fp8_blocks(

@@ -396,6 +396,29 @@ def test_e2m1_rounding(value, code):
     assert int(NVFP4QTensor._cast_fp4(y.clone())) == code  # the reference rounds the same way
 
 
+def float32_bit_sweep() -> torch.Tensor:
+    """Every float32 sign/exponent/top-7-mantissa pattern, each with the low 16 bits 0, 1 and all ones: every
+    value the cast's bit classes tell apart, every tie and its neighbours on both sides. NaN left out."""
+    upper = torch.arange(1 << 16, dtype=torch.int32) << 16
+    bits = (upper.unsqueeze(1) | torch.tensor([0, 1, 0xFFFF], dtype=torch.int32)).reshape(-1)
+    y = bits.view(torch.float32)
+    return y[~torch.isnan(y)]
+
+
+def test_e2m1_rounding_of_every_float32_class():
+    y = float32_bit_sweep()
+    assert torch.equal(nvfp4.cast_to_e2m1(y), NVFP4QTensor._cast_fp4(y.clone()))
+
+
+def test_exact_cast_flags_every_float32_off_the_grid():
+    y = float32_bit_sweep()
+    grid = nvfp4.e2m1_to_float(torch.arange(16, dtype=torch.uint8))
+    on_grid = torch.isin(y, grid)
+    codes = nvfp4._codes_by_interval(y, nvfp4._exact_e2m1_intervals(nvfp4._E2M1_BOUNDS, nvfp4._E2M1_ROUND_UP_TIES))
+    assert torch.equal(codes < nvfp4._NOT_ON_GRID, on_grid)
+    assert torch.equal(codes[on_grid], nvfp4.cast_to_e2m1(y[on_grid]))
+
+
 def test_cast_exactly_accepts_the_grid_and_nothing_else():
     """Every E2M1 value (and -0.0) casts to its own code; any other float32 makes the exact cast refuse."""
     grid = nvfp4.e2m1_to_float(torch.arange(16, dtype=torch.uint8))
