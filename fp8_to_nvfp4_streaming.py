@@ -9,10 +9,10 @@ Rerun the same command after a crash to resume; --restart starts over; --dry-run
 import argparse
 import sys
 
-from nvfp4kit.readahead import read_ahead_from_argv
+from nvfp4kit.readahead import SourceReadAhead, read_ahead_from_argv
 
 if __name__ == "__main__":
-    read_ahead_from_argv(sys.argv[1:])  # the first source reads overlap the imports below (seconds)
+    read_ahead = read_ahead_from_argv(sys.argv[1:])  # source reads overlap the imports below (seconds), and more
 
 import torch  # noqa: E402
 
@@ -24,7 +24,7 @@ from nvfp4kit.plan import PlanError  # noqa: E402
 from nvfp4kit.rules import RuleError  # noqa: E402
 
 
-def main() -> int:
+def main(read_ahead: SourceReadAhead | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="source checkpoint folder (FP8, DeepSeek names)")
     p.add_argument("--dst", required=True, help="output folder (created; must be outside the source)")
@@ -43,9 +43,10 @@ def main() -> int:
     setup_logging(args.verbose)
     settings = Settings(workers=args.workers, device=args.device, restart=args.restart, dry_run=args.dry_run,
                         verify_resume=not args.no_verify_resume)
-    convert(args.src, args.dst, options_from_args(args), settings, args.activation_scales)
+    convert(args.src, args.dst, options_from_args(args), settings, args.activation_scales, read_ahead)
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main, (ConvertError, PlanError, CheckpointError, LayoutError, RuleError, OSError), teardown=False)
+    errors = (ConvertError, PlanError, CheckpointError, LayoutError, RuleError, OSError)
+    run_main(lambda: main(read_ahead), errors, teardown=False)

@@ -45,6 +45,7 @@ from .fp8 import FP8FormatError, check_fp8_block, dequantize_fp8_blocks
 from .layouts import Layout
 from .nvfp4 import NVFP4FormatError, NVFP4Tensor, dequantize_nvfp4, quantize_group, reconstruction_error
 from .plan import ConversionPlan, Options, Unit, build_plan, load_activation_amax, source_fingerprint
+from .readahead import SourceReadAhead
 from .safetensors_io import TensorInfo, encode_header, read_into, tensor_bytes
 
 log = logging.getLogger("nvfp4kit.convert")
@@ -74,8 +75,27 @@ class Settings:
 # ---------------------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------------------
-def convert(src: str, dst: str, options: Options, settings: Settings, activation_scales: str | None = None) -> dict:
-    """Convert ``src`` into ``dst``; returns the report (also written to ``dst/conversion_report.json``)."""
+def convert(
+    src: str,
+    dst: str,
+    options: Options,
+    settings: Settings,
+    activation_scales: str | None = None,
+    read_ahead: SourceReadAhead | None = None,
+) -> dict:
+    """Convert ``src`` into ``dst``; returns the report (also written to ``dst/conversion_report.json``).
+
+    ``read_ahead``, started before the converter's imports, is pointed at the shards to write and closed here.
+    """
+    try:
+        return _convert(src, dst, options, settings, activation_scales, read_ahead)
+    finally:
+        if read_ahead is not None:
+            read_ahead.close()
+
+
+def _convert(src: str, dst: str, options: Options, settings: Settings, activation_scales: str | None,
+             read_ahead: SourceReadAhead | None) -> dict:
     src, dst = os.path.realpath(src), os.path.realpath(dst)
     if dst == src or dst.startswith(src + os.sep):
         raise ConvertError(f"destination {dst} is inside the source {src}: choose a folder outside it")
@@ -112,8 +132,10 @@ def convert(src: str, dst: str, options: Options, settings: Settings, activation
                              len(done))
                 else:
                     log.info("all %d shards already written and verified: nothing to convert", len(plan.shards))
+                if read_ahead is not None:
+                    read_ahead.follow(_read_order(ckpt, plan, todo))
                 started = time.time()
-                done.update(_write_shards(ckpt, plan, todo, dst, settings))
+                done.update(_write_shards(ckpt, plan, todo, dst, settings, read_ahead))
                 report = _finish(ckpt, plan, dst, done, time.time() - started)
     except OSError as e:
         raise _io_failure(dst, e) from e
@@ -368,7 +390,14 @@ def _sha256_file(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Shards: one worker in this process, or a pool of worker processes; a tqdm bar over source bytes here
 # ---------------------------------------------------------------------------------------------------------------
-def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, settings: Settings) -> dict[str, dict]:
+def _read_order(ckpt: Checkpoint, plan: ConversionPlan, todo: list) -> list[tuple[str, int, int]]:
+    """The source byte ranges the shards ``todo`` read, in order."""
+    infos = [ckpt.tensors[name] for s in todo for i in s.units for name in plan.units[i].sources]
+    return [(t.file, t.begin, t.end) for t in infos]
+
+
+def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, settings: Settings,
+                  read_ahead: SourceReadAhead | None) -> dict[str, dict]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -382,6 +411,11 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
                smoothing=0.05, mininterval=1.0)
 
+    def progress(source_bytes: int) -> None:
+        bar.update(source_bytes)
+        if read_ahead is not None:
+            read_ahead.advance(source_bytes)
+
     def record(entry: dict) -> None:
         _append_manifest(state, entry)
         done[entry["name"]] = entry
@@ -392,9 +426,9 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
     try:
         with logging_redirect_tqdm():
             if workers == 1:
-                _write_here(job, todo, bar.update, record)
+                _write_here(job, todo, progress, record)
             else:
-                _write_in_workers(job, todo, workers, bar.update, record)
+                _write_in_workers(job, todo, workers, progress, record)
     finally:
         bar.close()
     return done

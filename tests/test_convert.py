@@ -367,25 +367,72 @@ def test_reported_peak_memory_is_the_converters_own(tiny_src, tmp_path):
     assert 0.1e9 < peak < 1.0e9, peak
 
 
-def test_read_ahead_reads_the_first_source_bytes_in_read_order(tiny_src, monkeypatch):
-    """The start-up readahead reads the shards Path A reads first (name order), up to its byte budget."""
+def wait_for(condition, what: str, seconds: float = 10.0) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_read_ahead_stays_within_its_window_of_the_converter(tiny_src, monkeypatch):
+    """The readahead reads its ranges in order, never more than its window ahead of what was consumed; follow()
+    switches it to new ranges; close() ends it."""
     from nvfp4kit import readahead
 
-    read: dict[str, int] = {}
+    reads: list[tuple[str, int, int]] = []
     preadv = os.preadv
 
-    def counting_preadv(fd, buffers, offset):
+    def recording_preadv(fd, buffers, offset):
         n = preadv(fd, buffers, offset)
-        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-        assert offset == read.get(name, 0), "sequential reads from the start of each shard"
-        read[name] = offset + n
+        reads.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, n))
         return n
 
-    monkeypatch.setattr(readahead.os, "preadv", counting_preadv)
+    monkeypatch.setattr(readahead.os, "preadv", recording_preadv)
     monkeypatch.setattr(readahead, "READ_SIZE", 4096)
-    shards = sorted(n for n in os.listdir(tiny_src) if n.endswith(".safetensors"))
-    sizes = [os.path.getsize(os.path.join(tiny_src, n)) for n in shards]
-    budget = sizes[0] + sizes[1] // 2
-    readahead.read_ahead(tiny_src, budget).join()
-    assert read == {shards[0]: sizes[0], shards[1]: sizes[1] // 2}
+    ranges = readahead.whole_shards(tiny_src)
+    first, second = (os.path.basename(r[0]) for r in ranges[:2])
+    ahead = readahead.SourceReadAhead(ranges, window=3 * 4096)
+    try:
+        wait_for(lambda: len(reads) == 3, "the window to fill")
+        time.sleep(0.2)
+        assert reads == [(first, 0, 4096), (first, 4096, 4096), (first, 8192, 4096)], "the window must hold it"
+        ahead.advance(4096)
+        wait_for(lambda: len(reads) == 4, "one more read")
+        path, begin, end = ranges[1]
+        ahead.follow([(path, begin + 100, begin + 100 + 5000)])
+        ahead.advance(10**9)
+        wait_for(lambda: len(reads) == 6, "the followed range")
+        assert reads[3:] == [(first, 12288, 4096), (second, 100, 4096), (second, 4196, 904)]
+    finally:
+        ahead.close()
+    assert not ahead._thread.is_alive()
     assert readahead.read_ahead_from_argv(["--src", tiny_src, "--dry-run"]) is None
+
+
+def test_convert_points_the_read_ahead_at_its_reads(tiny_src, tmp_path, monkeypatch):
+    """convert() gives the readahead every source tensor's byte range once, in the order it reads them, and
+    closes it."""
+    from nvfp4kit import convert as convert_module
+    from nvfp4kit.readahead import SourceReadAhead
+
+    followed: list = []
+    read_starts: list = []
+    read_into = convert_module.read_into
+
+    def recording_read_into(info, *args):
+        read_starts.append((info.file, info.begin))
+        return read_into(info, *args)
+
+    class Recording(SourceReadAhead):
+        def follow(self, ranges):
+            followed.extend(ranges)
+            super().follow(ranges)
+
+    monkeypatch.setattr(convert_module, "read_into", recording_read_into)
+    ahead = Recording([], window=1)
+    convert(tiny_src, str(tmp_path / "out"), Options(), Settings(), read_ahead=ahead)
+    tensors = [(t.file, t.begin, t.end) for t in open_checkpoint(tiny_src).tensors.values()]
+    assert sorted(followed) == sorted(tensors)
+    starts = {(f, b) for f, b, _ in tensors}
+    assert [(f, b) for f, b, _ in followed] == [r for r in read_starts if r in starts], "the converter's read order"
+    assert not ahead._thread.is_alive()

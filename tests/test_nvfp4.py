@@ -405,18 +405,22 @@ def float32_bit_sweep() -> torch.Tensor:
     return y[~torch.isnan(y)]
 
 
-def test_e2m1_rounding_of_every_float32_class():
+@pytest.mark.parametrize("search", [True, False], ids=["search", "bit-class"])
+def test_e2m1_rounding_of_every_float32_class(search):
     y = float32_bit_sweep()
-    assert torch.equal(nvfp4.cast_to_e2m1(y), NVFP4QTensor._cast_fp4(y.clone()))
+    rounding = nvfp4._e2m1_intervals(nvfp4._E2M1_BOUNDS, nvfp4._E2M1_ROUND_UP_TIES)
+    assert torch.equal(nvfp4._codes_by_interval(y, rounding, search), NVFP4QTensor._cast_fp4(y.clone()))
 
 
-def test_exact_cast_flags_every_float32_off_the_grid():
+@pytest.mark.parametrize("search", [True, False], ids=["search", "bit-class"])
+def test_exact_cast_flags_every_float32_off_the_grid(search):
     y = float32_bit_sweep()
     grid = nvfp4.e2m1_to_float(torch.arange(16, dtype=torch.uint8))
     on_grid = torch.isin(y, grid)
-    codes = nvfp4._codes_by_interval(y, nvfp4._exact_e2m1_intervals(nvfp4._E2M1_BOUNDS, nvfp4._E2M1_ROUND_UP_TIES))
+    exact = nvfp4._exact_e2m1_intervals(nvfp4._E2M1_BOUNDS, nvfp4._E2M1_ROUND_UP_TIES)
+    codes = nvfp4._codes_by_interval(y, exact, search)
     assert torch.equal(codes < nvfp4._NOT_ON_GRID, on_grid)
-    assert torch.equal(codes[on_grid], nvfp4.cast_to_e2m1(y[on_grid]))
+    assert torch.equal(codes[on_grid], NVFP4QTensor._cast_fp4(y[on_grid].clone()))
 
 
 def test_cast_exactly_accepts_the_grid_and_nothing_else():
