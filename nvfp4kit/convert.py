@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -54,7 +54,7 @@ STATE_DIR = ".nvfp4kit"
 LOCK_NAME = ".nvfp4kit.lock"
 REPORT_NAME = "conversion_report.json"
 COPY_CHUNK = 64 * 2**20  # bytes per read of a tensor copied as is (bounds memory for 1.85 GB embeddings)
-SYNC_EVERY = 128 * 2**20  # bytes written between two fdatasync calls of a shard (so its final fsync is short)
+WRITEBACK_EVERY = 128 * 2**20  # bytes written to a shard between two requests to flush it (a short final fsync)
 
 
 class ConvertError(RuntimeError):
@@ -550,7 +550,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     writes: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
     pin = device.type == "cuda"
-    busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0}  # seconds each stage worked: where time goes
+    busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0, "flush": 0.0}  # seconds each stage worked: where time goes
 
     stop = threading.Event()  # set when the compute loop ends early: the reader stops at its next item
 
@@ -581,11 +581,26 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
             h.update(b)
             busy["hash"] += time.perf_counter() - t0
 
+    flushes: queue.Queue = queue.Queue(maxsize=1)
+
+    def flusher(fd: int) -> None:
+        # Writes back what is written so far while the writer goes on: the disk writes as we read and compute,
+        # not all at the final fsync. (An fdatasync in the writer itself would stall it until the disk caught up.)
+        while flushes.get() is not _DONE:
+            t0 = time.perf_counter()
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                failure.append(e)
+            busy["flush"] += time.perf_counter() - t0
+
     def writer(f) -> None:
         nonlocal size
-        synced = 0
-        hashing = threading.Thread(target=hasher, daemon=True)
-        hashing.start()
+        flushed = 0
+        helpers = [threading.Thread(target=hasher, daemon=True),
+                   threading.Thread(target=flusher, args=(f.fileno(),), daemon=True)]
+        for t in helpers:
+            t.start()
         try:
             while (item := writes.get()) is not _DONE:
                 data, source_bytes = item
@@ -596,13 +611,11 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                     busy["write"] += time.perf_counter() - t0
                     hashes.put(b)  # hashed on its own thread while the next bytes are written
                     size += len(b)
-                if size - synced >= SYNC_EVERY:
-                    # Flush as we go: the disk writes while the reader reads, instead of all at the final fsync.
-                    t0 = time.perf_counter()
+                if size - flushed >= WRITEBACK_EVERY:
                     f.flush()
-                    os.fdatasync(f.fileno())
-                    busy["write"] += time.perf_counter() - t0
-                    synced = size
+                    with suppress(queue.Full):  # one request pending is enough: it flushes all there is
+                        flushes.put_nowait(None)
+                    flushed = size
                 progress(source_bytes)
         except BaseException as e:
             failure.append(e)
@@ -610,7 +623,9 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
                 pass
         finally:
             hashes.put(_DONE)
-            hashing.join()
+            flushes.put(_DONE)
+            for t in helpers:
+                t.join()
 
     try:
         with open(partial, "wb") as f:
