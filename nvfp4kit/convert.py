@@ -550,7 +550,8 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     writes: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
     pin = device.type == "cuda"
-    busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0, "flush": 0.0}  # seconds each stage worked: where time goes
+    # Seconds each stage worked: where the time goes (in the manifest and the benchmark's JSON).
+    busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0, "flush": 0.0}
 
     stop = threading.Event()  # set when the compute loop ends early: the reader stops at its next item
 
