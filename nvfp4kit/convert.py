@@ -45,7 +45,7 @@ from .fp8 import FP8FormatError, check_fp8_block, dequantize_fp8_blocks
 from .layouts import Layout
 from .nvfp4 import NVFP4FormatError, NVFP4Tensor, dequantize_nvfp4, quantize_group, reconstruction_error
 from .plan import ConversionPlan, Options, Unit, build_plan, load_activation_amax, source_fingerprint
-from .readahead import SourceReadAhead
+from .readahead import Range, SourceReadAhead
 from .safetensors_io import TensorInfo, encode_header, read_into, tensor_bytes
 
 log = logging.getLogger("nvfp4kit.convert")
@@ -390,7 +390,7 @@ def _sha256_file(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Shards: one worker in this process, or a pool of worker processes; a tqdm bar over source bytes here
 # ---------------------------------------------------------------------------------------------------------------
-def _read_order(ckpt: Checkpoint, plan: ConversionPlan, todo: list) -> list[tuple[str, int, int]]:
+def _read_order(ckpt: Checkpoint, plan: ConversionPlan, todo: list) -> list[Range]:
     """The source byte ranges the shards ``todo`` read, in order."""
     infos = [ckpt.tensors[name] for s in todo for i in s.units for name in plan.units[i].sources]
     return [(t.file, t.begin, t.end) for t in infos]

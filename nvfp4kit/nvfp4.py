@@ -189,11 +189,12 @@ def _exact_e2m1_intervals(
 # every rounding boundary and every E2M1 value, so one table lookup replaces the interval search.
 _PREFIX_SHIFT = 21
 _BELOW_PREFIX = (1 << _PREFIX_SHIFT) - 1  # the mantissa bits under the prefix
+_PREFIX_CLASSES = 2 << (32 - _PREFIX_SHIFT)  # two per 11-bit prefix: nothing below it set, or something
 
 
 @functools.lru_cache(maxsize=None)
 def _prefix_table(intervals: tuple[tuple[float, ...], tuple[int, ...]]) -> tuple[int, ...]:
-    """The code of every float32 class ``2 * prefix + (any bit below the prefix set)``, 4096 entries.
+    """The code of every float32 class ``2 * prefix + (any bit below the prefix set)``.
 
     Each class lies inside one interval of ``intervals`` (boundaries, code of each interval (b[i-1], b[i]]): a class
     is a single value (nothing below the prefix) or the open range between two neighbours on the 2-bit grid, and
@@ -203,7 +204,7 @@ def _prefix_table(intervals: tuple[tuple[float, ...], tuple[int, ...]]) -> tuple
     """
     bounds, codes = intervals
     table = []
-    for index in range(2 << (32 - _PREFIX_SHIFT)):
+    for index in range(_PREFIX_CLASSES):
         bits = (index >> 1) << _PREFIX_SHIFT | (index & 1)
         v = struct.unpack("<f", struct.pack("<I", bits))[0]
         table.append(codes[-1] if math.isnan(v) else codes[bisect.bisect_left(bounds, v)])
@@ -246,7 +247,7 @@ def _codes_by_interval(
         index = torch.searchsorted(_lookup_table(bounds, torch.float32, y.device), y, out_int32=True)
     else:
         bits = y.view(torch.int32)
-        index = (bits >> (_PREFIX_SHIFT - 1)).bitwise_and_(~1 & ((2 << (32 - _PREFIX_SHIFT)) - 1))
+        index = (bits >> (_PREFIX_SHIFT - 1)).bitwise_and_(_PREFIX_CLASSES - 2)  # 2 * prefix, sign bit included
         index |= (bits & _BELOW_PREFIX) != 0
         table = _prefix_table(intervals)
     return _look_up(index, table, torch.uint8)
