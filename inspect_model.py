@@ -8,14 +8,13 @@ at the end of the report block the conversion.
 """
 
 import argparse
-import sys
 
-from nvfp4kit.cli import add_plan_flags, options_from_args
+from nvfp4kit.cli import ArgumentParser, add_plan_flags, options_from_args, run_main
 from nvfp4kit.report import inspect_checkpoint
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="checkpoint folder (index + shards, or a single .safetensors file)")
     p.add_argument("--json", metavar="FILE", help="also write the facts as JSON (verify and the converter reuse it)")
     add_plan_flags(p)
@@ -24,4 +23,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

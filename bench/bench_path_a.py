@@ -119,7 +119,7 @@ def path_a(src: str, out: str, workers: int, device: str, max_shard_size: str) -
         report = json.load(f)
     with open(os.path.join(out, ".nvfp4kit", "manifest.jsonl")) as f:
         entries = [json.loads(line) for line in f]
-    digests = sorted((e["name"], e["sha256"]) for e in entries)
+    digests = sorted((e["name"], e["xxh3_128"]) for e in entries)
     per_worker: dict[int, float] = {}
     busy: dict[str, float] = {}
     for e in entries:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
+from .card import write_card
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 from .convert import atomic_write_json, compute_unit, copy_side_files, peak_rss_bytes, read_unit
 from .hf_model import dequantized_source
@@ -49,6 +50,7 @@ from .nvfp4 import GLOBAL_SCALE_DIVISOR
 from .plan import ConversionPlan, Options, build_plan, source_fingerprint
 from .rules import Action, is_mtp, joint_scale_group, module_name
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec, encode_header, read_header, read_tensor, tensor_bytes
+from .errors import KitError
 
 log = logging.getLogger("nvfp4kit.calibrate")
 
@@ -63,7 +65,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "generation_config.json")
 
 
-class PathBError(RuntimeError):
+class PathBError(KitError, RuntimeError):
     """A refusal or a failed check, with a message for the user."""
 
 
@@ -574,6 +576,7 @@ def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, Tensor
         "seconds": round(seconds, 1),
     }
     atomic_write_json(os.path.join(dst, REPORT_NAME), report)
+    write_card(dst, ckpt.root)  # README.md from the report above (the source's card is README.source.md)
     index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
     atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
     return report

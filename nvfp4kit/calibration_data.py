@@ -20,6 +20,8 @@ import logging
 import os
 from typing import Any, Callable
 
+from .errors import KitError
+
 log = logging.getLogger("nvfp4kit.calibration_data")
 
 DEFAULT_DATASET = "HuggingFaceH4/ultrachat_200k"
@@ -31,7 +33,7 @@ USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
 Renderer = Callable[[list[dict]], str]
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(KitError, ValueError):
     """The dataset cannot be found, read or rendered; the message says which and why."""
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from .safetensors_io import SafetensorsError, TensorInfo, read_header
+from .errors import KitError
 
 INDEX_NAME = "model.safetensors.index.json"
 # Scale companion suffixes of an FP8 ``<module>.weight``: DeepSeek V4 ``.scale`` (UE8M0), V3 ``.weight_scale_inv``.
 SCALE_SUFFIXES = (".scale", ".weight_scale_inv")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KitError, ValueError):
     """The folder cannot be read as a checkpoint at all."""
 
 
@@ -32,13 +34,29 @@ class Checkpoint:
     index_total_size: int | None
     config: dict
     problems: list[str] = field(default_factory=list)
+    unavailable: set[str] = field(default_factory=set)  # listed in the index, in a shard missing or unreadable
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def is_knock_on(self, problem: str) -> bool:
+        """Whether ``problem`` only follows from a missing or unreadable shard (it names a tensor of one, or the
+        weight whose scale is in one): such problems are left out, so that one cause gives one line."""
+        if not self.unavailable:
+            return False
+        lost = {_module(n) for n in self.unavailable}
+        return any(_module(w) in lost for w in re.findall(r"[\w.]+\w", problem))
+
     def shard_of(self, name: str) -> str:
         return os.path.relpath(self.tensors[name].file, self.root)
+
+
+def _module(name: str) -> str:
+    for suffix in (".weight", *SCALE_SUFFIXES):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def module_of(weight_name: str) -> str | None:
@@ -95,11 +113,13 @@ def open_checkpoint(root: str) -> Checkpoint:
     else:
         raise CheckpointError(f"{root}: no {INDEX_NAME} and no *.safetensors file: not a checkpoint")
     tensors: dict[str, TensorInfo] = {}
+    unreadable = set()
     for s in shards:
         try:
             found, _ = read_header(os.path.join(root, s))
         except (SafetensorsError, OSError) as e:
             problems.append(f"shard {s}: cannot read header: {e}")
+            unreadable.add(s)
             continue
         for name, info in found.items():
             if name in tensors:
@@ -112,21 +132,37 @@ def open_checkpoint(root: str) -> Checkpoint:
                     f"tensor {name} is in shard {s} but the index "
                     + (f"points to {where}" if where else "does not list it")
                 )
+    unavailable: set[str] = set()
     if weight_map is not None:
+        unavailable = {n for n, s in weight_map.items() if s not in shards or s in unreadable}
         for name, s in weight_map.items():
-            if name not in tensors and os.path.exists(os.path.join(root, s)) and s in shards:
+            if name not in tensors and name not in unavailable:
                 problems.append(f"tensor {name} is listed in the index (shard {s}) but not in that shard")
         actual = sum(t.nbytes for t in tensors.values())
-        if total_size is not None and int(total_size) != actual:
+        if total_size is not None and int(total_size) != actual and not unavailable:
             problems.append(f"index metadata.total_size {total_size} disagrees with the headers ({actual} bytes)")
     if not tensors and not problems:
         problems.append("the checkpoint holds no tensors (an empty index or empty shards)")
-    config = {}
-    cfg_path = os.path.join(root, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
+    config, config_problem = read_config(root)
+    if config_problem:
+        problems.append(config_problem)
+    return Checkpoint(root, tensors, shards, weight_map, total_size, config, problems, unavailable)
+
+
+def read_config(root: str) -> tuple[dict, str | None]:
+    """``root/config.json`` and the problem with it, if any: the kit needs the model's config (its layers,
+    widths and architecture) to know what it converts."""
+    path = os.path.join(root, "config.json")
+    try:
+        with open(path) as f:
             config = json.load(f)
-    return Checkpoint(root, tensors, shards, weight_map, total_size, config, problems)
+    except FileNotFoundError:
+        return {}, f"config.json is missing in {root}: the model's config is needed to know what it holds"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {}, f"config.json in {root} cannot be read: {e}"
+    if not isinstance(config, dict):
+        return {}, f"config.json in {root} is not a JSON object"
+    return config, None
 
 
 def configured_block_size(config: dict) -> tuple[int, int] | None:

@@ -8,9 +8,9 @@ The job, top to bottom (:func:`convert`):
    refused unless ``--restart``;
 3. copy every non-tensor file of the source verbatim (config.json is rewritten at the end);
 4. write each output shard that the manifest does not list as verified: to ``.NAME.partial``, flushed and
-   renamed, then recorded in ``manifest.jsonl`` with its size and sha256; N worker processes take shards from
-   a queue, each on its own GPU (or the CPU); in a worker, reads of the next unit and writes of the last one
-   overlap the compute;
+   renamed, then recorded in the manifest with its size and hash (:mod:`nvfp4kit.manifest`); N worker
+   processes (:mod:`nvfp4kit.workers`) take shards one at a time, each on its own GPU (or the CPU); in a worker,
+   reads of the next unit and writes of the last one overlap the compute;
 5. last, config.json, the report, and the index: a destination with an index is complete.
 
 Every output byte depends only on the plan, never on the worker count or the device.
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import queue
 import resource
@@ -32,32 +30,39 @@ import shutil
 import signal
 import threading
 import time
-import traceback
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .fp8 import FP8FormatError, check_fp8_block, dequantize_fp8_blocks
-from .layouts import Layout
+from .card import CARD_NAME, SOURCE_CARD_NAME, write_card
+from .decode import dequantize as dequantize_source
+from .fp8 import FP8FormatError, check_fp8_block
+from .layouts import Layout, mxfp4_tensors
+from .manifest import HASH, append_entry, file_digest, intact_entries, new_hasher, read_manifest
+from .mxfp4 import MXFP4FormatError
 from .nvfp4 import NVFP4FormatError, NVFP4Tensor, dequantize_nvfp4, quantize_group, reconstruction_error
 from .plan import ConversionPlan, Options, Unit, build_plan, load_activation_amax, source_fingerprint
+from .progress import DEFAULT_EVERY_SECONDS, Progress
+from .ranks import Share
 from .readahead import Range, SourceReadAhead
 from .safetensors_io import TensorInfo, encode_header, read_into, tensor_bytes
+from .errors import KitError
 
 log = logging.getLogger("nvfp4kit.convert")
 
 STATE_DIR = ".nvfp4kit"
 LOCK_NAME = ".nvfp4kit.lock"
+SETUP_LOCK_NAME = LOCK_NAME + ".setup"
 REPORT_NAME = "conversion_report.json"
 COPY_CHUNK = 64 * 2**20  # bytes per read of a tensor copied as is (bounds memory for 1.85 GB embeddings)
 WRITEBACK_EVERY = 128 * 2**20  # bytes written to a shard between two requests to flush it (a short final fsync)
 
 
-class ConvertError(RuntimeError):
+class ConvertError(KitError, RuntimeError):
     """A refusal or failure with a message for the user; nothing half-written is left to be trusted."""
 
 
@@ -70,6 +75,9 @@ class Settings:
     restart: bool = False
     dry_run: bool = False
     verify_resume: bool = True
+    progress_every: float = DEFAULT_EVERY_SECONDS  # seconds between two progress lines in a log (not a terminal)
+    share: Share = Share()  # this process's share of the shards when launched as one rank of several
+    first_gpu: int = 0  # worker k uses GPU first_gpu + k (ranks of one node split its GPUs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,10 +109,12 @@ def _convert(src: str, dst: str, options: Options, settings: Settings, activatio
         raise ConvertError(f"destination {dst} is inside the source {src}: choose a folder outside it")
     if src.startswith(dst + os.sep):
         raise ConvertError(f"the source {src} is inside the destination {dst}: choose another destination")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise ConvertError(f"the destination {dst} is a file, not a folder: choose another --dst")
     ckpt = open_checkpoint(src)
     amax = load_activation_amax(activation_scales) if activation_scales else None
     if activation_scales:
-        options = Options(**{**options.__dict__, "activation_scales_sha256": _sha256_file(activation_scales)})
+        options = Options(**{**options.__dict__, "activation_scales_sha256": file_digest(activation_scales, "sha256")})
     plan = build_plan(ckpt, options, amax)
     log.info(
         "plan: %d tensors in %d shards (%.2f GB) -> %d units in %d shards (%.2f GB expected), format %s, %s",
@@ -118,28 +128,52 @@ def _convert(src: str, dst: str, options: Options, settings: Settings, activatio
         return {"dry_run": True, "expected_output_bytes": plan.output_bytes, "shards": len(plan.shards)}
 
     fingerprint = _fingerprint(ckpt, plan)
+    share = settings.share
+    if not share.alone and settings.restart:
+        raise ConvertError("--restart with several ranks: remove the destination once, then launch the job again")
+    mine = share.of(plan.shards)
+    if not share.alone:
+        log.info("%s (%d of %d shards)", share.describe(), len(mine), len(plan.shards))
     try:
         with _sigterm_as_interrupt():
             os.makedirs(dst, exist_ok=True)
-            with _exclusive_lock(dst):
+            with _exclusive_lock(dst, share):
                 state = os.path.join(dst, STATE_DIR)
-                done = _prepare_state(dst, state, fingerprint, plan, settings)
-                todo = [s for s in plan.shards if s.name not in done]
+                with _setup_lock(dst):  # ranks set up one at a time: the first writes the plan, the others check it
+                    done = _prepare_state(dst, state, fingerprint, plan, settings, mine)
+                    copy_side_files(src, dst)
+                todo = [s for s in mine if s.name not in done]
                 _check_free_space(dst, sum(s.nbytes for s in todo))
-                copy_side_files(src, dst)
+                checked = "verified by hash" if settings.verify_resume else "checked by size only (--no-verify-resume)"
                 if todo:
-                    log.info("%d of %d shards to write (%d already done and verified)", len(todo), len(plan.shards),
-                             len(done))
+                    log.info("%d of %d shards to write (%d already done, %s)", len(todo), len(mine),
+                             len(done), checked)
                 else:
-                    log.info("all %d shards already written and verified: nothing to convert", len(plan.shards))
+                    log.info("all %d shards already written, %s: nothing to convert", len(mine), checked)
                 if read_ahead is not None:
                     read_ahead.follow(_read_order(ckpt, plan, todo))
                 started = time.time()
-                done.update(_write_shards(ckpt, plan, todo, dst, settings, read_ahead))
-                report = _finish(ckpt, plan, dst, done, time.time() - started)
+                _write_shards(ckpt, plan, todo, dst, settings, read_ahead)
+                with _setup_lock(dst):
+                    report = _finish_if_complete(ckpt, plan, dst, share, time.time() - started)
     except OSError as e:
         raise _io_failure(dst, e) from e
     return report
+
+
+def _finish_if_complete(ckpt: Checkpoint, plan: ConversionPlan, dst: str, share: Share, seconds: float) -> dict:
+    """One process: finish. One rank of several: finish if every other rank's shards are recorded too (this is the
+    last rank to finish); else leave that to the last one."""
+    done = read_manifest(os.path.join(dst, STATE_DIR))
+    if share.alone:
+        return _finish(ckpt, plan, dst, done, seconds)
+    waiting = [s.name for s in plan.shards if s.name not in done]
+    if waiting:
+        log.info("rank %d finished its share; %d shards of other ranks are not written yet (%s): the last rank to "
+                 "finish writes the index", share.rank, len(waiting), _few(waiting))
+        return {"complete": False, "waiting_for": waiting}
+    log.info("rank %d is the last to finish: writing config, card, report and index", share.rank)
+    return _finish(ckpt, plan, dst, done, seconds)
 
 
 def _io_failure(path: str, e: OSError) -> ConvertError:
@@ -169,20 +203,6 @@ def _ignore(signum, frame) -> None:
 
 
 @contextmanager
-def _workers_start_ignoring_sigint() -> Iterator[None]:
-    """Processes started inside inherit an ignored SIGINT: a Ctrl-C while they import prints no traceback of theirs
-    (:func:`_worker_main` then installs :func:`_interrupt`, and the parent stops any worker still starting)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (``kill PID``, a scheduler's stop) ends the job like Ctrl-C: workers stop, no partial file stays."""
     if threading.current_thread() is not threading.main_thread():
@@ -203,20 +223,41 @@ def _fingerprint(ckpt: Checkpoint, plan: ConversionPlan) -> dict:
 
 
 @contextmanager
-def _exclusive_lock(dst: str) -> Iterator[None]:
-    fd = os.open(os.path.join(dst, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+def _exclusive_lock(dst: str, share: Share = Share()) -> Iterator[None]:
+    """Refuse a second run on ``dst`` while one runs: one process holds the destination's lock exclusively; ranks
+    share it, each holding its own rank's lock exclusively (two processes of one rank are refused)."""
+    locks = [(LOCK_NAME, fcntl.LOCK_EX if share.alone else fcntl.LOCK_SH)]
+    if not share.alone:
+        locks.append((f"{LOCK_NAME}.rank-{share.rank}", fcntl.LOCK_EX))
+    fds = []
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConvertError(f"{dst} is locked by another conversion that is still running") from None
+        for name, mode in locks:
+            fds.append(os.open(os.path.join(dst, name), os.O_RDWR | os.O_CREAT, 0o644))
+            try:
+                fcntl.flock(fds[-1], mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConvertError(f"{dst} is locked by another conversion that is still running") from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@contextmanager
+def _setup_lock(dst: str) -> Iterator[None]:
+    """Held while a process sets up or finishes (short): ranks do either one at a time."""
+    fd = os.open(os.path.join(dst, SETUP_LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
 
 
-def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan, settings: Settings) -> dict[str, dict]:
-    """Write or check the fingerprint; return the manifest entries of shards already done and still intact."""
+def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan, settings: Settings,
+                   mine: list) -> dict[str, dict]:
+    """Write or check the fingerprint; return the manifest entries of this process's shards (``mine``) already
+    done and still intact."""
     fp_path = os.path.join(state, "fingerprint.json")
     if settings.restart and os.path.isdir(state):
         log.info("--restart: discarding the previous run's state in %s", dst)
@@ -232,14 +273,13 @@ def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan
                     "time): pass --restart to convert it again from the start"
                 )
             raise ConvertError(
-                f"{dst} holds a conversion started with a different {', '.join(changed)} "
-                f"(previous: {json.dumps({k: previous.get(k) for k in changed})}); rerun the original command "
-                "to resume it, or pass --restart to start over"
+                f"{dst} holds a conversion started with other flags: {_changed_flags(previous, fingerprint)}; rerun "
+                "the original command to resume it, or pass --restart to start over"
             )
     else:
         if os.path.isdir(state):  # a run killed before its fingerprint was written: it finished nothing
             shutil.rmtree(state)
-        leftovers = [n for n in os.listdir(dst) if n not in (LOCK_NAME,)]
+        leftovers = [n for n in os.listdir(dst) if not n.startswith(LOCK_NAME)]
         if leftovers:
             raise ConvertError(
                 f"{dst} is not empty and holds no conversion of this kit ({', '.join(sorted(leftovers)[:5])}...): "
@@ -252,52 +292,58 @@ def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan
     # A destination with an index is complete only if it is this run's; a resume rewrites it at the end.
     if os.path.exists(os.path.join(dst, INDEX_NAME)):
         os.remove(os.path.join(dst, INDEX_NAME))
-    done = _read_manifest(state)
-    planned = {s.name: s for s in plan.shards}
-    intact = {}
-    for name, entry in done.items():
-        path = os.path.join(dst, name)
-        ok = name in planned and os.path.exists(path) and os.path.getsize(path) == entry["size"]
-        if ok and settings.verify_resume:
-            ok = _sha256_file(path) == entry["sha256"]
-        if ok:
-            intact[name] = entry
-        else:
-            log.warning("shard %s is missing, truncated or corrupt: it will be written again", name)
+    planned = {s.name for s in mine}
+    recorded = [e for e in read_manifest(state).values() if e["name"] in planned]
+    started = time.time()
+    ok = intact_entries(dst, recorded, by_hash=settings.verify_resume)
+    intact = {e["name"]: e for e, good in zip(recorded, ok) if good}
+    for e, good in zip(recorded, ok):
+        if not good:
+            log.warning("shard %s is missing, truncated or corrupt: it will be written again", e["name"])
+    if recorded:
+        nbytes = sum(e["size"] for e in intact.values())
+        log.info("checked %d finished shards (%.2f GB) %s in %.1f s", len(recorded), nbytes / 1e9,
+                 "by hash" if settings.verify_resume else "by size", time.time() - started)
+    # A killed run's unfinished files (this process's shards, side files): never trusted. Another rank's partial
+    # shard may be in the middle of being written.
+    others = {f".{s.name}.partial" for s in plan.shards} - {f".{s.name}.partial" for s in mine}
     for root, _, files in os.walk(dst):
         for name in files:
-            if name.endswith(".partial"):
-                os.remove(os.path.join(root, name))  # a killed run's unfinished file (shard, side file): never trusted
+            if name.endswith(".partial") and not (root == dst and name in others):
+                os.remove(os.path.join(root, name))
     return intact
+
+
+# Resume fingerprint fields -> the flag that sets them (what a refusal names).
+_FLAGS = {"format": "--format", "engine": "--engine", "scale_policy": "--scale-policy", "joint_scale": "--joint-scale",
+          "max_shard_size": "--max-shard-size", "activation_scales_sha256": "--activation-scales (the file's content)",
+          "overrides": "--quantize/--keep"}
+
+
+def _changed_flags(previous: dict, now: dict) -> str:
+    """``--max-shard-size was 5000000, now 10000000``: what differs between two fingerprints, as the user set it."""
+    changes = []
+    if previous.get("kit_version") != now["kit_version"]:
+        changes.append(f"kit version was {previous.get('kit_version')}, now {now['kit_version']}")
+    if previous.get("source") != now["source"]:
+        changes.append(f"--src was {previous.get('source')}, now {now['source']}")
+    before, after = previous.get("options") or {}, now["options"]
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) != after.get(key):
+            changes.append(f"{_FLAGS.get(key, key)} was {json.dumps(before.get(key))}, now {json.dumps(after.get(key))}")
+    return "; ".join(changes) or "the kit's record of them differs"
 
 
 def _remove_outputs(dst: str, state: str) -> None:
     shutil.rmtree(state)
     for name in os.listdir(dst):
-        if name != LOCK_NAME:
+        if not name.startswith(LOCK_NAME):
             p = os.path.join(dst, name)
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
-def _read_manifest(state: str) -> dict[str, dict]:
-    entries = {}
-    path = os.path.join(state, "manifest.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    e = json.loads(line)
-                    entries[e["name"]] = e
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a line cut short by a kill: that shard is simply redone
-    return entries
-
-
-def _append_manifest(state: str, entry: dict) -> None:
-    with open(os.path.join(state, "manifest.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _append_manifest(state: str, entry: dict, rank: int | None = None) -> None:
+    append_entry(state, entry, rank)  # (a named step: the fault tests stop a run right here)
 
 
 def _check_free_space(dst: str, needed: int) -> None:
@@ -307,15 +353,17 @@ def _check_free_space(dst: str, needed: int) -> None:
 
 
 def copy_side_files(src: str, dst: str) -> None:
-    """Every non-tensor file and folder of the source, verbatim (config.json is rewritten in :func:`_finish`)."""
+    """Every non-tensor file and folder of the source, verbatim (config.json is rewritten in :func:`_finish`); the
+    source's README.md is the source's card, kept as README.source.md (the output gets its own, :mod:`.card`)."""
     for root, dirs, files in os.walk(src):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = os.path.relpath(root, src)
         for name in files:
             if rel == "." and (name.endswith(".safetensors") or name in (INDEX_NAME, "config.json")):
                 continue
-            s, d = os.path.join(root, name), os.path.join(dst, rel, name)
-            if os.path.exists(d) and os.path.getsize(d) == os.path.getsize(s) and _sha256_file(d) == _sha256_file(s):
+            s = os.path.join(root, name)
+            d = os.path.join(dst, rel, SOURCE_CARD_NAME if rel == "." and name == CARD_NAME else name)
+            if os.path.exists(d) and os.path.getsize(d) == os.path.getsize(s) and file_digest(d) == file_digest(s):
                 continue
             os.makedirs(os.path.dirname(d), exist_ok=True)
             shutil.copy2(s, d + ".partial")
@@ -323,6 +371,7 @@ def copy_side_files(src: str, dst: str) -> None:
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dict], seconds: float) -> dict:
+    _check_complete(plan, dst, done)
     config = dict(ckpt.config)
     config.pop("quantization_config", None)  # the source FP8 config never survives
     config["quantization_config"] = plan.quantization_config
@@ -331,6 +380,7 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, di
         atomic_write_json(os.path.join(dst, "hf_quant_config.json"), plan.hf_quant_config)
     report = _summarize(ckpt, plan, done, seconds)
     atomic_write_json(os.path.join(dst, REPORT_NAME), report)
+    write_card(dst, ckpt.root)  # README.md, a side file: no shard or index byte depends on it
     index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
     atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
     log.info(
@@ -342,6 +392,21 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, di
         report["peak_rss_bytes_per_worker"] / 1e9,
     )
     return report
+
+
+def _check_complete(plan: ConversionPlan, dst: str, done: dict[str, dict]) -> None:
+    """The run is done only when every planned shard is recorded and on disk at its recorded size: nothing else may
+    write the index (whatever went wrong before, a missing shard must never look complete)."""
+    missing = [s.name for s in plan.shards
+               if s.name not in done or not os.path.isfile(os.path.join(dst, s.name))
+               or os.path.getsize(os.path.join(dst, s.name)) != done[s.name]["size"]]
+    if missing:
+        raise ConvertError(f"{len(missing)} of {len(plan.shards)} planned shards are not written ({_few(missing)}); "
+                           "rerun the same command to resume")
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _summarize(ckpt: Checkpoint, plan: ConversionPlan, done: dict[str, dict], seconds: float) -> dict:
@@ -379,14 +444,6 @@ def atomic_write_json(path: str, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 2**20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shards: one worker in this process, or a pool of worker processes; a tqdm bar over source bytes here
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,96 +455,53 @@ def _read_order(ckpt: Checkpoint, plan: ConversionPlan, todo: list) -> list[Rang
 
 def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, settings: Settings,
                   read_ahead: SourceReadAhead | None) -> dict[str, dict]:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     state = os.path.join(dst, STATE_DIR)
     total = sum(plan.units[i].source_bytes for s in todo for i in s.units)
     done: dict[str, dict] = {}
     if not todo:
         return done
     workers = max(1, min(settings.workers, len(todo)))
-    job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers))
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="convert", dynamic_ncols=True,
-               smoothing=0.05, mininterval=1.0)
+    job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers),
+                     settings.first_gpu)
+    with Progress(total, len(todo), log, settings.progress_every) as bar:
 
-    def progress(source_bytes: int) -> None:
-        bar.update(source_bytes)
-        if read_ahead is not None:
-            read_ahead.advance(source_bytes)
+        def progress(source_bytes: int) -> None:
+            bar.update(source_bytes)
+            if read_ahead is not None:
+                read_ahead.advance(source_bytes)
 
-    def record(entry: dict) -> None:
-        _append_manifest(state, entry)
-        done[entry["name"]] = entry
-        log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s of source), worker %d, %d/%d shards", entry["name"],
-                 entry["size"] / 1e9, entry["seconds"], entry["source_bytes"] / max(entry["seconds"], 1e-9) / 1e9,
-                 entry["worker"], len(done), len(todo))
+        def record(entry: dict) -> None:
+            _append_manifest(state, entry, None if settings.share.alone else settings.share.rank)
+            done[entry["name"]] = entry
+            bar.shard_done()
+            log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s of source), worker %d, %d/%d shards", entry["name"],
+                     entry["size"] / 1e9, entry["seconds"], entry["source_bytes"] / max(entry["seconds"], 1e-9) / 1e9,
+                     entry["worker"], len(done), len(todo))
 
-    try:
-        with logging_redirect_tqdm():
-            if workers == 1:
-                _write_here(job, todo, progress, record)
-            else:
-                _write_in_workers(job, todo, workers, progress, record)
-    finally:
-        bar.close()
+        if workers == 1:
+            _write_here(job, todo, progress, record)
+        else:
+            _write_in_workers(job, todo, workers, progress, record)
     return done
 
 
 def _write_here(job: _WorkerJob, todo: list, progress, record) -> None:
     """One worker: this process writes the shards itself, which saves a second ``import torch`` and a spawn
     (seconds: a large share of a small run)."""
-    device = _worker_device(job.device, 0)
+    write = install_worker(job, 0, lambda: True)
     for shard in todo:
-        try:
-            entry = _write_one_shard(job, shard, device, progress)
-        except (FP8FormatError, NVFP4FormatError) as e:
-            raise ConvertError(str(e)) from e
-        record({**entry, "worker": 0})
+        record({**write(shard.name, progress), "worker": 0})
 
 
 def _write_in_workers(job: _WorkerJob, todo: list, workers: int, progress, record) -> None:
-    """Several workers: processes that take shards from a queue, each on its own GPU (or sharing the CPU)."""
-    ctx = mp.get_context("spawn")
-    jobs, events = ctx.Queue(), ctx.Queue()
-    for shard in todo:
-        jobs.put(shard.name)
-    for _ in range(workers):
-        jobs.put(None)
-    procs = [ctx.Process(target=_worker_main, args=(k, job, jobs, events), daemon=True) for k in range(workers)]
-    with _workers_start_ignoring_sigint():
-        for p in procs:
-            p.start()
-    finished = 0
+    """Several workers: processes of :mod:`nvfp4kit.workers` that take shards one at a time, each on its own GPU
+    (or sharing the CPU). A worker that stops for any other reason than having finished fails the run."""
+    from .workers import WorkerFailed, run_pool
+
     try:
-        while finished < workers:
-            try:
-                kind, payload = events.get(timeout=5)
-            except queue.Empty:
-                dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead:
-                    raise ConvertError(f"a worker died (exit code {dead[0].exitcode}); rerun the same command to resume")
-                continue
-            if kind == "progress":
-                progress(payload)
-            elif kind == "shard":
-                record(payload)
-            elif kind == "error":
-                raise ConvertError(payload)
-            elif kind == "exit":
-                finished += 1
-    finally:
-        deadline = time.time() + 2  # a worker that reported an error is exiting on its own: let it finish
-        for p in procs:
-            p.join(timeout=max(0.0, deadline - time.time()))
-        for p in procs:
-            if p.is_alive():
-                p.terminate()  # the worker removes its partial shard and exits (_interrupt)
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        run_pool(job, [s.name for s in todo], workers, os.path.join(job.dst, STATE_DIR), progress, record, log)
+    except WorkerFailed as e:
+        raise ConvertError(f"{e}; rerun the same command to resume once the cause is fixed") from None
 
 
 @dataclass
@@ -497,32 +511,26 @@ class _WorkerJob:
     dst: str
     device: str
     threads: int  # torch CPU threads per worker: the cores shared out between workers
+    first_gpu: int = 0  # worker k runs on GPU first_gpu + k
 
 
-def _worker_main(k: int, job: _WorkerJob, jobs, events) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or the parent stopping: clean up, then exit
-        signal.signal(sig, _interrupt)
+def install_worker(job: _WorkerJob, k: int, parent_alive: Callable[[], bool]) -> Callable[[str, Callable], dict]:
+    """Set up worker ``k``'s process (threads, device); returns ``write(shard_name, progress) -> manifest entry``.
+
+    ``parent_alive`` is asked before a finished shard is renamed into place: a worker whose parent is gone stops
+    there (its partial file removed) instead of renaming into a destination a rerun may already own.
+    """
     torch.set_num_threads(job.threads)
-    device = _worker_device(job.device, k)
+    device = _worker_device(job.device, job.first_gpu + k)
     shards = {s.name: s for s in job.plan.shards}
-    try:
-        # A parent killed outright (OOM killer, kill -9) cannot stop us: stop ourselves before the next shard.
-        while (name := jobs.get()) is not None and mp.parent_process().is_alive():
-            entry = _write_one_shard(job, shards[name], device, lambda n: events.put(("progress", n)))
-            entry["worker"] = k
-            events.put(("shard", entry))
-    except (ConvertError, FP8FormatError, NVFP4FormatError, OSError) as e:
-        events.put(("error", str(e)))
-    except KeyboardInterrupt:
-        pass
-    except Exception:  # an unexpected bug: the traceback is what a maintainer needs
-        events.put(("error", f"worker {k} failed:\n{traceback.format_exc()}"))
-    finally:
-        events.put(("exit", k))
-        if not mp.parent_process().is_alive():
-            events.cancel_join_thread()  # nobody reads the queue any more: exiting must not wait on a full pipe
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # nothing left to clean up: the parent's terminate() just ends it
-        signal.signal(signal.SIGINT, _ignore)
+
+    def write(name: str, progress: Callable[[int], None]) -> dict:
+        try:
+            return _write_one_shard(job, shards[name], device, progress, parent_alive)
+        except (FP8FormatError, NVFP4FormatError) as e:
+            raise ConvertError(str(e)) from e
+
+    return write
 
 
 def _worker_device(device: str, k: int) -> torch.device:
@@ -537,7 +545,8 @@ def _worker_device(device: str, k: int) -> torch.device:
 _DONE = object()
 
 
-def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> dict:
+def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
+                     parent_alive: Callable[[], bool] = lambda: True) -> dict:
     plan, tensors = job.plan, job.tensors
     units = [plan.units[i] for i in shard.units]
     specs = [o for u in units for o in u.outputs]
@@ -572,7 +581,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
             failure.append(e)
         reads.put(_DONE)
 
-    h = hashlib.sha256()
+    h = new_hasher()
     hashes: queue.Queue = queue.Queue(maxsize=4)
     size = 0
 
@@ -668,9 +677,12 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress) -> 
     if size != expected:
         os.remove(partial)
         raise ConvertError(f"{shard.name}: wrote {size} bytes, expected {expected}")
+    if not parent_alive():  # an orphan: a rerun may own this destination now
+        os.remove(partial)
+        raise KeyboardInterrupt
     os.replace(partial, final)
     _fsync_dir(job.dst)
-    return {"name": shard.name, "size": size, "sha256": h.hexdigest(), "seconds": time.time() - started,
+    return {"name": shard.name, "size": size, HASH: h.hexdigest(), "seconds": time.time() - started,
             "source_bytes": sum(u.source_bytes for u in units), "tensors": stats,
             "busy_seconds": {k: round(v, 3) for k, v in busy.items()},
             "peak_rss_bytes": peak_rss_bytes(),
@@ -732,11 +744,21 @@ def compute_unit(item: tuple, plan: ConversionPlan, layout: Layout, device: torc
         block = plan.fp8_blocks[unit.sources[0]]
         check_fp8_block(weights[0].to(device, non_blocking=True), scales[0].to(device), block, unit.sources[0])
         return layout.fp8_tensors(weights[0], scales[0]), unit.source_bytes
-    xs = [
-        dequantize_fp8_blocks(w.to(device, non_blocking=True), s.to(device, non_blocking=True),
+    try:  # FP8 or MXFP4 (the original V4 releases' experts): float32 values either way, the quantizer is the same
+        xs = [
+            dequantize_source(w.to(device, non_blocking=True), s.to(device, non_blocking=True),
                               plan.fp8_blocks[name], name)
-        for w, s, name in zip(weights, scales, unit.sources[:n])
-    ]
+            for w, s, name in zip(weights, scales, unit.sources[:n])
+        ]
+    except MXFP4FormatError as e:  # e.g. a NaN scale byte: the run stops naming the tensor, as for FP8
+        raise ConvertError(str(e)) from e
+    if kind == "mxfp4":  # --engine sglang's MTP experts (layouts.writes_mxfp4): exact, or the run stops naming it
+        try:
+            out = mxfp4_tensors(xs[0].cpu(), unit.modules[0])
+        except MXFP4FormatError as e:
+            raise ConvertError(str(e)) from e
+        stats[unit.modules[0]] = {"rule": "exact", "format": "MXFP4", "sqnr_db": math.inf, "rel_error": 0.0}
+        return out, unit.source_bytes
     qs, rule = quantize_group(xs, plan.options.scale_policy, [m + ".weight" for m in unit.modules])
     out = []
     for module, x, q in zip(unit.modules, xs, qs):

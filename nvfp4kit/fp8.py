@@ -17,11 +17,13 @@ import math
 
 import torch
 
+from .errors import KitError
+
 SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float32)
 FP8_E4M3_MAX = 448.0
 
 
-class FP8FormatError(ValueError):
+class FP8FormatError(KitError, ValueError):
     """A source FP8 weight or scale that cannot be decoded; the message names the tensor."""
 
 
@@ -33,17 +35,23 @@ def infer_block_size(
 ) -> tuple[int, int]:
     """Block size (bm, bn) that maps ``weight_shape`` onto ``scale_shape``.
 
-    ``configured`` (config.json ``weight_block_size``) wins when it fits. Otherwise each dimension takes the one
-    power of two b with ceil(dim / b) == scale_dim: for scale_dim >= 2 the interval [dim/s, dim/(s-1)) holds at
-    most one power of two, and for scale_dim == 1 every b >= dim decodes the same, so the smallest is taken.
+    ``configured`` (config.json ``weight_block_size``) is the only block size accepted when given: a scale that
+    fits it not (say a [448, 128] weight with the scale of a [128, 448] one) is refused, though another block
+    size might map the shapes. Without it, each dimension takes the one power of two b with
+    ceil(dim / b) == scale_dim: for scale_dim >= 2 the interval [dim/s, dim/(s-1)) holds at most one power of two,
+    and for scale_dim == 1 every b >= dim decodes the same, so the smallest is taken.
     """
     if len(weight_shape) != 2 or len(scale_shape) != 2:
         raise FP8FormatError(
             f"{name}: expected a 2-D weight and a 2-D scale, got weight {list(weight_shape)} and scale {list(scale_shape)}"
         )
-    if configured is not None and all(
-        math.ceil(d / b) == s for d, b, s in zip(weight_shape, configured, scale_shape)
-    ):
+    if configured is not None:
+        expected = [math.ceil(d / b) for d, b in zip(weight_shape, configured)]
+        if expected != list(scale_shape):
+            raise FP8FormatError(
+                f"{name}: scale shape {list(scale_shape)} does not fit weight shape {list(weight_shape)} in the "
+                f"configured {configured[0]}x{configured[1]} blocks (expected {expected})"
+            )
         return (int(configured[0]), int(configured[1]))
     block = []
     for dim, s in zip(weight_shape, scale_shape):

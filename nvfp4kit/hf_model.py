@@ -20,23 +20,24 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .checkpoint import Checkpoint, configured_block_size, open_checkpoint, scale_of
-from .fp8 import dequantize_fp8_blocks, infer_block_size
+from .decode import dequantize, form_of, scale_block
 from .safetensors_io import read_tensor
 
 TensorSource = Callable[[str], torch.Tensor] | Mapping[str, torch.Tensor]
 
 
 def dequantized_source(ckpt: Checkpoint) -> Callable[[str], torch.Tensor]:
-    """A tensor source over a checkpoint: native name -> the tensor, FP8 weights dequantized to float32."""
+    """A tensor source over a checkpoint: native name -> the tensor, scaled weights (FP8, MXFP4) decoded to float32."""
     block = configured_block_size(ckpt.config)
 
     def read(name: str) -> torch.Tensor:
-        tensor = read_tensor(ckpt.tensors[name])
+        info = ckpt.tensors[name]
+        tensor = read_tensor(info)
         scale_name = scale_of(name, ckpt.tensors)
-        if scale_name is None or tensor.dtype != torch.float8_e4m3fn:
+        if scale_name is None or form_of(info.dtype) is None:
             return tensor
-        scale = read_tensor(ckpt.tensors[scale_name])
-        return dequantize_fp8_blocks(tensor, scale, infer_block_size(tensor.shape, scale.shape, block, name), name)
+        s = ckpt.tensors[scale_name]
+        return dequantize(tensor, read_tensor(s), scale_block(info.dtype, info.shape, s.dtype, s.shape, block, name), name)
 
     return read
 

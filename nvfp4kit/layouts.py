@@ -12,6 +12,11 @@
     source FP8 config plus ``moe_quant_algo: NVFP4``, which is how vLLM's ``DeepseekV4FP8Config`` claims it.
 
 Everything else is copied bit for bit under its own name. No layout ever writes a dummy activation scale.
+
+Engines (``--engine``): ``vllm`` (default) writes the chosen format as above. ``sglang`` writes what SGLang 0.5.23
+serves (shared/reference/sglang-v4.md): the ``nvidia`` layout with the MTP draft's routed experts as MXFP4
+(``m.weight`` I8 [out, in/2], ``m.scale`` F8_E8M0 [out, in/32], :mod:`nvfp4kit.mxfp4`), because SGLang builds
+those as MXFP4 whatever the trunk is, while vLLM builds them with the trunk's NVFP4 scheme (contract §6).
 """
 
 from __future__ import annotations
@@ -21,13 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
+from .mxfp4 import MX_BLOCK, MXFP4FormatError, block_exponents, quantize_mxfp4
 from .nvfp4 import BLOCK, GLOBAL_SCALE_DIVISOR, NVFP4Tensor
 from .safetensors_io import TensorSpec
+from .errors import KitError
 
 FORMATS = ("compressed-tensors", "modelopt", "nvidia")
+ENGINES = ("vllm", "sglang")
+ENGINE_FORMAT = {"sglang": "nvidia"}  # the one layout an engine serves (vLLM serves every format)
+# SGLang's HybridFp8NvFp4Config leaves model.decoder.* (the MTP layer) out of NVFP4 and builds its experts as MXFP4.
+_MTP_ROUTED_EXPERT = re.compile(r"^mtp\.\d+\.ffn\.experts\.\d+\.w[123]$")
 
 
-class LayoutError(ValueError):
+class LayoutError(KitError, ValueError):
     """A layout/flag combination or a plan that the chosen layout cannot describe to vLLM."""
 
 
@@ -97,6 +108,48 @@ class Layout:
         return [weight, scale]
 
 
+def check_engine(engine: str, fmt: str, w4a4: bool) -> None:
+    """``--engine`` with ``--format`` and activation scales: SGLang serves the nvidia layout only, which is W4A4."""
+    if engine == "sglang" and not w4a4:
+        raise LayoutError("--engine sglang writes NVIDIA's W4A4 layout (SGLang reads an input_scale for every expert): "
+                          "pass --activation-scales FILE (quantize_llmcompressor.py --export-activation-scales)")
+    if engine not in ENGINES:
+        raise LayoutError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    wanted = ENGINE_FORMAT.get(engine)
+    if wanted is not None and fmt != wanted:
+        raise LayoutError(f"--engine {engine} writes the {wanted} layout (SGLang 0.5.23 fails on the others at model "
+                          f"build); drop --format {fmt} or pass --format {wanted}")
+
+
+def default_format(engine: str) -> str:
+    """The format ``--engine`` implies when ``--format`` is not given."""
+    return ENGINE_FORMAT.get(engine, "compressed-tensors")
+
+
+def writes_mxfp4(engine: str, module: str) -> bool:
+    """Whether ``module`` (a quantized source module) is written as MXFP4: the MTP routed experts for SGLang."""
+    return engine == "sglang" and bool(_MTP_ROUTED_EXPERT.match(module))
+
+
+def mxfp4_specs(module: str, out_features: int, in_features: int) -> list[TensorSpec]:
+    """An MXFP4 module as the original V4 releases store it (and SGLang's draft loads it)."""
+    return [TensorSpec(f"{module}.weight", "I8", (out_features, in_features // 2)),
+            TensorSpec(f"{module}.scale", "F8_E8M0", (out_features, in_features // MX_BLOCK))]
+
+
+def mxfp4_tensors(x: torch.Tensor, module: str) -> list[torch.Tensor]:
+    """Data in the order of :func:`mxfp4_specs`, exact or refused (:class:`MXFP4FormatError` names the module and
+    offers the FP8 alternative)."""
+    try:
+        return list(quantize_mxfp4(x, block_exponents(x), module + ".weight"))
+    except MXFP4FormatError as e:
+        raise MXFP4FormatError(
+            f"{e}. --engine sglang writes the MTP draft's routed experts as MXFP4, which holds only MXFP4-origin "
+            f"experts exactly. Alternative: convert with --format nvidia --keep 'mtp\\.\\d+\\.ffn\\.experts' (MTP "
+            f"experts kept FP8) and serve with SGLANG_DSV4_FP4_EXPERTS=0, which makes SGLang build them as FP8 blocks"
+        ) from e
+
+
 def _checked_amax(amax: float | None) -> float:
     if amax is None or not (amax > 0 and amax < float("inf")):
         raise LayoutError(f"activation amax must be finite and > 0, got {amax}")
@@ -164,6 +217,7 @@ def quantization_config(
     kept_fp8: list[str],
     source_config: dict,
     fp8_block: tuple[int, int] = (128, 128),
+    engine: str = "vllm",
 ) -> tuple[dict, dict | None]:
     """``(config.json quantization_config, hf_quant_config.json or None)`` describing every quantized module
     and every kept FP8 module (native names in, vLLM runtime names out where vLLM needs them)."""
@@ -219,12 +273,20 @@ def quantization_config(
     # nvidia: vLLM reads the FP8 keys for the linears and moe_quant_algo for every routed expert, MTP included.
     src = dict(source_config.get("quantization_config") or {})
     cfg = {k: src[k] for k in ("quant_method", "fmt", "scale_fmt", "weight_block_size", "activation_scheme") if k in src}
+    producer = {"name": "nvfp4kit"} | _engine_note(engine)
     cfg.update({"moe_quant_algo": "NVFP4", "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None,
-                "group_size": 16, "producer": {"name": "nvfp4kit"}})
-    legacy = {"producer": {"name": "nvfp4kit"},
+                "group_size": 16, "producer": producer})
+    legacy = {"producer": dict(producer),
               "quantization": {"quant_algo": "MIXED_PRECISION", "moe_quant_algo": "NVFP4", "kv_cache_quant_algo": None,
                                "group_size": 16, "exclude_modules": []}}
     return cfg, legacy
+
+
+def _engine_note(engine: str) -> dict:
+    """What the config says about ``--engine`` (nothing for the default, whose configs stay as they were)."""
+    if engine == "vllm":
+        return {}
+    return {"engine": engine, "mtp_routed_experts": "MXFP4 (SGLang builds the MTP draft's experts as MXFP4)"}
 
 
 def modelopt_key(module: str, num_hidden_layers: int) -> str:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import KitError
+
 BLOCK = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
@@ -46,7 +48,7 @@ _CHUNK_ELEMENTS = 1 << 20
 _GPU_CHUNK_ELEMENTS = 1 << 26
 
 
-class NVFP4FormatError(ValueError):
+class NVFP4FormatError(KitError, ValueError):
     """A tensor that cannot be encoded as NVFP4; the message names the tensor."""
 
 

@@ -17,17 +17,19 @@ from dataclasses import asdict, dataclass, field
 
 from . import __version__
 from .checkpoint import Checkpoint, configured_block_size, scale_of, weight_of_scale
-from .fp8 import FP8FormatError, infer_block_size
-from .layouts import Layout, LayoutError, quantization_config
+from .decode import FORMS, MXFP4, SOURCE_FORMAT_ERRORS, decoded_shape, form_of, scale_block
+from .layouts import Layout, LayoutError, check_engine, mxfp4_specs, quantization_config, writes_mxfp4
 from .nvfp4 import NVFP4FormatError, check_quantizable
-from .rules import Action, Overrides, RuleError, decide, fused_group, joint_scale_group, module_name
+from .rules import (Action, Overrides, RuleError, decide, fused_group, joint_scale_group, module_name,
+                    structure_problems)
 from .safetensors_io import TensorSpec
+from .errors import KitError
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 SCALE_POLICIES = ("auto", "reference")
 
 
-class PlanError(ValueError):
+class PlanError(KitError, ValueError):
     """The checkpoint or the flags cannot be converted; the message lists every reason, ``problems`` each one."""
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:
@@ -45,16 +47,19 @@ class Options:
     overrides: Overrides = Overrides()
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     activation_scales_sha256: str | None = None  # of the --activation-scales file, if any
+    engine: str = "vllm"  # layouts.ENGINES: which engine's MTP layout to write
 
     def as_json(self) -> dict:
         d = asdict(self)
         d["overrides"] = self.overrides.as_json()
+        if self.engine == "vllm":
+            del d["engine"]  # the default's JSON (fingerprints of existing outputs) stays as it was
         return d
 
 
 @dataclass
 class Unit:
-    kind: str  # "nvfp4" | "fp8" | "copy"
+    kind: str  # "nvfp4" | "mxfp4" (layouts.writes_mxfp4) | "fp8" | "copy"
     modules: list[str]  # nvfp4/fp8: module names; copy: the tensor name
     sources: list[str]  # source tensor names read (weights, then their scales)
     outputs: list[TensorSpec]
@@ -117,42 +122,55 @@ def source_fingerprint(ckpt: Checkpoint) -> str:
 
 
 def fp8_pairs(ckpt: Checkpoint) -> tuple[dict[str, str], dict[str, tuple[int, int]], list[str]]:
-    """FP8 weight -> scale companion, weight -> block size, and the problems found (each naming the tensor)."""
+    """Scaled source weight -> scale companion, weight -> scale block, and the problems found (each naming the
+    tensor). Both source forms (:mod:`nvfp4kit.decode`): FP8 weights (blocks such as 128x128) and MXFP4 weights of
+    the original V4 releases (I8, block 1x32)."""
     names = ckpt.tensors
     pairs: dict[str, str] = {}
     blocks: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
     configured = configured_block_size(ckpt.config)
     for name, info in names.items():
-        if info.dtype == "F8_E4M3":
+        form = form_of(info.dtype)
+        if form is not None and (form != MXFP4 or name.endswith(".weight")):  # an I8 non-weight is data, copied
             scale = scale_of(name, names)
             if scale is None:
-                problems.append(f"FP8 weight {name} ({ckpt.shard_of(name)}) has no scale companion (.scale)")
+                problems.append(f"{'MXFP4' if form == MXFP4 else 'FP8'} weight {name} ({ckpt.shard_of(name)}) has "
+                                "no scale companion (.scale)")
                 continue
             pairs[name] = scale
+            s = names[scale]
             try:
-                blocks[name] = infer_block_size(info.shape, names[scale].shape, configured, name)
-            except FP8FormatError as e:
+                blocks[name] = scale_block(info.dtype, info.shape, s.dtype, s.shape, configured, name)
+            except SOURCE_FORMAT_ERRORS as e:
                 problems.append(str(e))
-            if names[scale].dtype not in ("F8_E8M0", "F32"):
-                problems.append(f"scale {scale}: dtype {names[scale].dtype}, expected F8_E8M0 or F32")
+            if form != MXFP4 and s.dtype not in ("F8_E8M0", "F32"):
+                problems.append(f"scale {scale}: dtype {s.dtype}, expected F8_E8M0 or F32")
         elif weight_of_scale(name) is not None:
             weight = weight_of_scale(name)
             if weight not in names:
                 problems.append(f"scale {name} ({ckpt.shard_of(name)}) has no weight {weight}")
-            elif names[weight].dtype != "F8_E4M3":
-                problems.append(f"scale {name} belongs to {weight}, which is {names[weight].dtype}, not FP8")
+            elif names[weight].dtype not in FORMS:
+                problems.append(f"scale {name} belongs to {weight}, which is {names[weight].dtype}, not FP8 "
+                                "(F8_E4M3) or MXFP4 (I8)")
     return pairs, blocks, problems
 
 
 def load_activation_amax(path: str) -> dict[str, float]:
     """Per-module input amax from ``--activation-scales FILE`` (written by quantize_llmcompressor.py)."""
-    with open(path) as f:
-        data = json.load(f)
+    shape = "a JSON object with an 'input_amax' mapping of module name -> amax"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PlanError(f"--activation-scales {path}: cannot read it ({e}); expected {shape}") from None
     amax = data.get("input_amax") if isinstance(data, dict) else None
     if not isinstance(amax, dict):
-        raise PlanError(f"{path}: expected a JSON object with an 'input_amax' mapping of module name -> amax")
-    return {str(k): float(v) for k, v in amax.items()}
+        raise PlanError(f"--activation-scales {path}: expected {shape}")
+    try:
+        return {str(k): float(v) for k, v in amax.items()}
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"--activation-scales {path}: an amax is not a number ({e})") from None
 
 
 def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, float] | None = None) -> ConversionPlan:
@@ -160,9 +178,13 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     problems = list(ckpt.problems)
     pairs, blocks, pair_problems = fp8_pairs(ckpt)
     problems += pair_problems
+    # (a tensor in a missing or unreadable shard still counts as present, with its shape unknown)
+    problems += structure_problems(ckpt.config, {**dict.fromkeys(ckpt.unavailable, ()),
+                                                 **{n: t.shape for n, t in ckpt.tensors.items()}})
     if options.scale_policy not in SCALE_POLICIES:
         problems.append(f"--scale-policy must be one of {SCALE_POLICIES}, got {options.scale_policy!r}")
     try:
+        check_engine(options.engine, options.format, w4a4=activation_amax is not None)
         layout = Layout(options.format, w4a4=activation_amax is not None)
     except LayoutError as e:  # a flag problem: listed with the others rather than raised alone
         problems.append(str(e))
@@ -172,12 +194,18 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     for name in ckpt.tensors:
         if name in pairs:
             module = module_name(name)
+            info = ckpt.tensors[name]
             try:
                 action = decide(module, True, options.overrides)
                 if action is Action.QUANTIZE:
-                    check_quantizable(ckpt.tensors[name].shape, name)
+                    check_quantizable(decoded_shape(info.dtype, info.shape), name)
             except (RuleError, NVFP4FormatError) as e:
                 problems.append(str(e))
+                continue
+            if action is Action.KEEP_FP8 and form_of(info.dtype) == MXFP4:
+                # No output layout keeps MXFP4 as it is: vLLM would read the I8 bytes as FP8.
+                problems.append(f"{module}: stored as MXFP4 (I8 + E8M0 1x32), which the kit can only convert to "
+                                "NVFP4; a --keep that matches it cannot hold it as it is")
                 continue
             actions[module] = action.value
         elif name not in scales:
@@ -193,15 +221,19 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
             problems.append(f"--activation-scales has no input amax for {len(missing)} quantized modules, e.g. {missing[:3]}")
         if bad:
             problems.append(f"--activation-scales has non-finite or non-positive amax for {bad[:3]}")
+    if not problems and Action.QUANTIZE.value not in actions.values():
+        problems.append("nothing to quantize: no tensor gets NVFP4 with these flags (the output would be a copy)")
+    problems = [p for p in problems if p in ckpt.problems or not ckpt.is_knock_on(p)]
     if problems:
-        raise PlanError(f"{ckpt.root}: cannot convert:\n  - " + "\n  - ".join(problems), problems)
+        listed = problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems)
+        raise PlanError(f"{ckpt.root}: cannot convert: {listed}", problems)
 
     units = _units(ckpt, pairs, actions, layout, options)
     shards = _pack_shards(units, options.max_shard_size)
     quantized = sorted(m for m, a in actions.items() if a == Action.QUANTIZE.value)
     kept_fp8 = sorted(m for m, a in actions.items() if a == Action.KEEP_FP8.value)
     block = next(iter(kept_blocks), (128, 128))
-    qcfg, hf_qcfg = quantization_config(layout, quantized, kept_fp8, ckpt.config, block)
+    qcfg, hf_qcfg = quantization_config(layout, quantized, kept_fp8, ckpt.config, block, options.engine)
     amax = {m: activation_amax[m] for m in quantized} if activation_amax is not None else {}
     return ConversionPlan(ckpt.root, options, units, shards, actions, blocks, qcfg, hf_qcfg, amax)
 
@@ -224,7 +256,12 @@ def _units(ckpt: Checkpoint, pairs: dict[str, str], actions: dict[str, str], lay
     groups: dict[str, list[str]] = {}
     units: list[Unit] = []
     for module, action in actions.items():
-        if action == Action.QUANTIZE.value:
+        if action == Action.QUANTIZE.value and writes_mxfp4(options.engine, module):
+            w = module + ".weight"
+            sources = [w, pairs[w]]
+            specs = mxfp4_specs(module, *decoded_shape(t[w].dtype, t[w].shape))
+            units.append(Unit("mxfp4", [module], sources, specs, sum(t[n].nbytes for n in sources)))
+        elif action == Action.QUANTIZE.value:
             groups.setdefault(joint_scale_group(module, options.joint_scale), []).append(module)
         elif action == Action.KEEP_FP8.value:
             w, s = module + ".weight", pairs[module + ".weight"]
@@ -236,7 +273,8 @@ def _units(ckpt: Checkpoint, pairs: dict[str, str], actions: dict[str, str], lay
         members.sort()
         weights = [m + ".weight" for m in members]
         sources = weights + [pairs[w] for w in weights]
-        outputs = [spec for m in members for spec in layout.nvfp4_specs(m, *t[m + ".weight"].shape)]
+        outputs = [spec for m in members
+                   for spec in layout.nvfp4_specs(m, *decoded_shape(t[m + ".weight"].dtype, t[m + ".weight"].shape))]
         units.append(Unit("nvfp4", members, sources, outputs, sum(t[n].nbytes for n in sources)))
     # Source order (shard, offset) keeps reads nearly sequential; the tuple makes the order total.
     units.sort(key=lambda u: (_shard_order(ckpt, u.sources[0]), t[u.sources[0]].begin, u.modules[0]))

@@ -21,6 +21,7 @@ from functools import lru_cache
 from typing import TextIO
 
 from .checkpoint import INDEX_NAME, Checkpoint, CheckpointError, configured_block_size, open_checkpoint
+from .decode import FORM_TEXT, FP8, MXFP4, form_of
 from .plan import ConversionPlan, Options, PlanError, build_plan, fp8_pairs, source_fingerprint
 from .rules import RULES, UNKNOWN, RuleError, collapse, decide, is_mtp, module_name, rule_for
 
@@ -31,6 +32,10 @@ INDEX_TOKENS = ("L", "E", "M")  # the placeholders rules.collapse writes: layer,
 # One routed expert, the shared experts or the router of one layer (for the instance counts).
 _INSTANCE = re.compile(r"^(.*?\.(?:experts\.\d+|shared_experts|ffn\.gate))(?:\.|$)")
 EXIT_OK, EXIT_PROBLEMS = 0, 2
+SOURCE_FORM_TEXT = {
+    FP8: "FP8: every scaled linear F8_E4M3 with a block scale (the FP8 repack's form)",
+    MXFP4: "DeepSeek's original release: routed experts MXFP4 (I8 + F8_E8M0 per 1x32 block), other linears FP8",
+}
 
 
 @dataclass
@@ -72,6 +77,7 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
 
     ``activation_amax``: the converter's ``--activation-scales``, when the report previews a W4A4 run."""
     pairs, blocks, _ = fp8_pairs(ckpt)
+    forms = {w: form_of(ckpt.tensors[w].dtype) for w in pairs}  # FP8 or MXFP4 (the original release's experts)
     plan, problems = _try_plan(ckpt, options, activation_amax)
     scale_of_weight = pairs
     scales = set(pairs.values())
@@ -111,21 +117,32 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
         _add_output_bytes(plan, row_of, categories)
     ordered = sorted(rows.values(), key=lambda r: (CATEGORIES.index(r.category), r.pattern))
     return {
-        "source": _source_facts(ckpt),
+        "source": {**_source_facts(ckpt), "form": MXFP4 if MXFP4 in forms.values() else FP8},
         "patterns": [r.as_json() for r in ordered],
         "categories": {c: dict(n) for c, n in categories.items() if n["tensors"]},
         "counts": _counts(ckpt, instances),
-        "fp8": {
-            "weights": len(pairs),
-            "scale_forms": dict(sum((r.scale_forms for r in ordered), Counter())),
-            "blocks": {f"{b[0]}x{b[1]}": n for b, n in Counter(blocks.values()).items()},
-            "configured_block": list(configured_block_size(ckpt.config) or []) or None,
-        },
+        "fp8": _form_facts(ckpt, pairs, blocks, forms, FP8),
+        "mxfp4": _form_facts(ckpt, pairs, blocks, forms, MXFP4),
         "plan": _plan_facts(plan, options),
         "notes": _notes(ckpt, instances),
         "problems": problems,
         "convertible": not problems,
     }
+
+
+def _form_facts(ckpt: Checkpoint, pairs: dict[str, str], blocks: dict[str, tuple[int, int]], forms: dict[str, str],
+                form: str) -> dict:
+    """Scaled source weights stored in ``form`` (decode.FORMS): how many, their scale dtypes and blocks."""
+    weights = [w for w in pairs if forms[w] == form]
+    facts = {
+        "weights": len(weights),
+        "scale_forms": dict(Counter(SCALE_FORMS.get(ckpt.tensors[pairs[w]].dtype, ckpt.tensors[pairs[w]].dtype)
+                                    for w in weights)),
+        "blocks": {f"{b[0]}x{b[1]}": n for b, n in Counter(blocks[w] for w in weights if w in blocks).items()},
+    }
+    if form == FP8:
+        facts["configured_block"] = list(configured_block_size(ckpt.config) or []) or None
+    return facts
 
 
 def _try_plan(
@@ -261,6 +278,7 @@ def render_report(facts: dict) -> str:
     out += _render_patterns(facts["patterns"], size, unit_name)
     out += _render_categories(facts, size, unit_name)
     out += _render_fp8(facts["fp8"])
+    out += _render_mxfp4(facts["mxfp4"], facts["patterns"])
     out += _render_plan(facts["plan"], facts["source"]["bytes"], size, unit_name)
     out += ([""] if facts["notes"] else []) + [f"note: {n}" for n in facts["notes"]]
     out += _render_problems(facts["problems"])
@@ -272,6 +290,7 @@ def _render_source(src: dict, size, unit: str) -> list[str]:
     q = cfg.get("quantization_config") or {}
     lines = [
         f"checkpoint  {src['root']}",
+        f"  form      {SOURCE_FORM_TEXT[src.get('form', FP8)]}",
         f"  files     {src['shards']} shard(s), " + (f"index {src['index']}" if src["index"] else "no index"),
         f"  tensors   {src['tensors']:,}, {size(src['bytes'])} {unit} ({src['bytes']:,} bytes)"
         + (f"; index total_size {src['index_total_size']:,}" if src["index_total_size"] is not None else ""),
@@ -335,6 +354,18 @@ def _render_fp8(fp8: dict) -> list[str]:
     configured = "x".join(map(str, fp8["configured_block"])) if fp8["configured_block"] else "not set"
     return ["", f"FP8: {fp8['weights']:,} weights with a scale; scales: {forms}; blocks: {blocks} "
                 f"(config weight_block_size: {configured})"]
+
+
+def _render_mxfp4(mx: dict, patterns: list[dict]) -> list[str]:
+    """The original release's MXFP4 experts, named as such (nothing when the source has none)."""
+    if not mx["weights"]:
+        return []
+    to_nvfp4 = sum(p["actions"].get("quantize", 0) for p in patterns if "I8" in p["dtypes"])
+    blocks = ", ".join(f"{n:,} of {b}" for b, n in mx["blocks"].items()) or "none"
+    return [f"MXFP4: {mx['weights']:,} weights in DeepSeek's original form, {FORM_TEXT[MXFP4]} (blocks: {blocks})",
+            f"  {to_nvfp4:,} become NVFP4: exactly (power-of-two scales) where a group's block exponents fit E4M3's "
+            "power-of-two range,",
+            "  else by the reference rule; decided on the data during the run (conversion_report.json: rule per tensor)"]
 
 
 def _render_plan(plan: dict, source_bytes: int, size, unit: str) -> list[str]:

@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+from .errors import KitError
+
 LAYER_PREFIX = r"^(?:layers\.\d+\.|mtp\.\d+\.)?"
 
 
@@ -121,7 +123,7 @@ class Overrides:
         return {"quantize": list(self.quantize), "keep": list(self.keep)}
 
 
-class RuleError(ValueError):
+class RuleError(KitError, ValueError):
     """An override that would produce a checkpoint vLLM cannot load."""
 
 
@@ -145,3 +147,68 @@ def collapse(name: str) -> str:
     name = re.sub(r"^layers\.\d+\.", "layers.{L}.", name)
     name = re.sub(r"^mtp\.\d+\.", "mtp.{M}.", name)
     return re.sub(r"\.experts\.\d+\.", ".experts.{E}.", name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model the tensors must describe: config.json against the headers
+# ---------------------------------------------------------------------------------------------------------------
+ARCHITECTURES = ("DeepseekV4ForCausalLM",)
+CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "n_routed_experts", "moe_intermediate_size", "vocab_size")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_MTP = re.compile(r"^mtp\.(\d+)\.")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.w([123])\.weight$")
+
+
+def structure_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Where config.json and the tensors (name -> header shape) disagree on what model this is: an architecture
+    that is not V4, layers or MTP blocks missing or past the config's count, experts past ``n_routed_experts``,
+    expert or embedding widths other than the config's. Each problem once per cause (the first tensor at fault).
+
+    Rows of a routed expert's weight are compared (the same in every source form); an expert's input width is
+    the scale's business (:mod:`nvfp4kit.decode`).
+    """
+    if not config:
+        return []  # config.json itself is the problem, reported by the checkpoint
+    archs = config.get("architectures") or []
+    if not any(a in ARCHITECTURES for a in archs):
+        return [f"config.json: architectures {archs} is not DeepSeek V4 ({', '.join(ARCHITECTURES)}): the kit has "
+                "no rules for this model and refuses rather than copy it unconverted"]
+    missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), int)]
+    if missing:
+        return [f"config.json lacks the integer field(s) {', '.join(missing)}"]
+    problems = []
+    layers = {int(m.group(1)) for n in shapes if (m := _LAYER.match(n))}
+    n = config["num_hidden_layers"]
+    if layers != set(range(n)):
+        problems.append(_count_problem("layers", layers, n, "num_hidden_layers"))
+    mtp = {int(m.group(1)) for n_ in shapes if (m := _MTP.match(n_))}
+    n_mtp = config.get("num_nextn_predict_layers", len(mtp))
+    if isinstance(n_mtp, int) and mtp - set(range(n_mtp)):
+        problems.append(_count_problem("MTP blocks", mtp, n_mtp, "num_nextn_predict_layers"))
+    want = {"1": config["moe_intermediate_size"], "3": config["moe_intermediate_size"], "2": config["hidden_size"]}
+    first_past, first_width = None, None
+    for name, shape in sorted(shapes.items()):
+        m = _EXPERT.search(name)
+        if m is None:
+            continue
+        if int(m.group(1)) >= config["n_routed_experts"] and first_past is None:
+            first_past = f"{name}: expert {m.group(1)} lies past n_routed_experts={config['n_routed_experts']}"
+        if shape and shape[0] != want[m.group(2)] and first_width is None:
+            key = "hidden_size" if m.group(2) == "2" else "moe_intermediate_size"
+            first_width = f"{name}: shape {list(shape)} has {shape[0]} rows, but config.json says {key}={want[m.group(2)]}"
+    problems += [p for p in (first_past, first_width) if p]
+    for name in ("embed.weight", "head.weight"):
+        shape = shapes.get(name)
+        if shape and list(shape) != [config["vocab_size"], config["hidden_size"]]:
+            problems.append(f"{name}: shape {list(shape)}, but config.json says vocab_size={config['vocab_size']}, "
+                            f"hidden_size={config['hidden_size']}")
+    return problems
+
+
+def _count_problem(what: str, found: set[int], n: int, key: str) -> str:
+    held = f"{min(found)}-{max(found)}" if found else "none"
+    past = sorted(i for i in found if i >= n)
+    gaps = sorted(set(range(n)) - found)
+    detail = (f"{len(past)} past it (from {past[0]})" if past else "") + (", " if past and gaps else "") + \
+        (f"{len(gaps)} missing (from {gaps[0]})" if gaps else "")
+    return f"config.json says {key}={n}, but the tensors hold {what} {held}: {detail}"

@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import torch
 
+from .errors import KitError
+
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -39,7 +41,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on the JSON header
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(KitError, ValueError):
     """A file that is not valid safetensors; the message names the file (and tensor)."""
 
 

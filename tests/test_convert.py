@@ -35,12 +35,13 @@ def run_convert(src: str, dst: str, *flags: str, check: bool = True) -> subproce
 
 
 def tensor_files(folder: str) -> list[str]:
-    """Everything a user keeps: the kit's state folder and the lock are bookkeeping, the report has timings."""
+    """Everything a user keeps: the kit's state folder and the lock are bookkeeping, the report has timings, the
+    card names the output folder."""
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d != ".nvfp4kit"]
         out += [os.path.relpath(os.path.join(root, f), folder) for f in files
-                if f not in (".nvfp4kit.lock", "conversion_report.json")]
+                if f not in (".nvfp4kit.lock", "conversion_report.json", "README.md")]
     return sorted(out)
 
 

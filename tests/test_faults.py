@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import xxhash
 
+from nvfp4kit.card import CARD_NAME
 from nvfp4kit.checkpoint import INDEX_NAME
 from nvfp4kit.convert import LOCK_NAME, REPORT_NAME, STATE_DIR
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
@@ -111,9 +114,10 @@ def checksums(folder: str) -> dict[str, str]:
 
 
 def output_files(dst: str) -> dict[str, str]:
-    """What a user keeps, with checksums: everything but the kit's state, its lock and the timed report."""
+    """What a user keeps, with checksums: everything but the kit's state, its lock, the timed report and the card
+    (which names the output folder)."""
     return {name: digest for name, digest in checksums(dst).items()
-            if name.split(os.sep)[0] not in (STATE_DIR, LOCK_NAME, REPORT_NAME)}
+            if name.split(os.sep)[0] not in (STATE_DIR, REPORT_NAME, CARD_NAME) and not name.startswith(LOCK_NAME)}
 
 
 def temporary_files(dst: str) -> list[str]:
@@ -129,7 +133,7 @@ def assert_identical(reference: str, dst: str) -> None:
 
 
 def assert_nothing_half_done(dst: str) -> None:
-    """No partial shard, no index, and each shard the manifest calls done is whole (its recorded sha256).
+    """No partial shard, no index, and each shard the manifest calls done is whole (its recorded hash).
 
     (A side file's ``.partial`` may stay after a failed copy: it is never read, and the rerun removes it.)
     """
@@ -138,7 +142,7 @@ def assert_nothing_half_done(dst: str) -> None:
     for line in open(os.path.join(dst, STATE_DIR, "manifest.jsonl")) if manifest_names(dst) else []:
         entry = json.loads(line)
         with open(os.path.join(dst, entry["name"]), "rb") as f:
-            assert hashlib.sha256(f.read()).hexdigest() == entry["sha256"], entry["name"]
+            assert xxhash.xxh3_128(f.read()).hexdigest() == entry["xxh3_128"], entry["name"]
 
 
 def manifest_names(dst: str) -> list[str]:
@@ -253,8 +257,8 @@ def test_kill_at_a_fault_point_then_rerun_gives_identical_bytes(mini_src, refere
     point, n, workers = kill_point
     dst = str(tmp_path / "out")
     killed = convert_cli(mini_src, dst, workers=workers, fault=f"{point}:{n}:kill")
-    if killed.returncode == 0:
-        pytest.skip(f"{point} is reached fewer than {n} times")
+    # A point never reached means the hook no longer finds the step it names (renamed, moved): a test of nothing.
+    assert killed.returncode != 0, f"{point} was reached fewer than {n} times: the fault never fired"
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert_group_gone(killed.pgid)
     if point != "index_renamed":
@@ -292,6 +296,147 @@ def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, act
     assert_group_gone(stopped.pgid)
     assert_nothing_half_done(dst)
     resume_and_compare(mini_src, dst, reference)
+
+
+def worker_pids(stderr: str) -> list[int]:
+    """The worker processes a run started (each in a process group of its own), from its log."""
+    return [int(m) for m in re.findall(r"worker \d+ started \(pid (\d+)\)", stderr)]
+
+
+def assert_processes_gone(pids: list[int], within: float = 30) -> None:
+    deadline = time.time() + within
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}") and "zombie" not in _proc_state(p)]
+        time.sleep(0.1)
+    assert not alive, f"worker processes still alive: {subprocess.getoutput(f'ps -o pid,stat,args -p {alive[0]}')}"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line for line in f if line.startswith("State:")).lower()
+    except (OSError, StopIteration):
+        return "zombie"
+
+
+def signal_when(src: str, dst: str, pattern: str, delay: float, send, workers: int = 2) -> Run:
+    """The converter with ``send(proc)`` called ``delay`` seconds after a stderr line matches ``pattern``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HOOKS, ROOT]))
+    env.pop(FAULT_ENV, None)
+    cmd = [sys.executable, SCRIPT, "--src", src, "--dst", dst, "--workers", str(workers), *FLAGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if re.search(pattern, line):
+            time.sleep(delay)
+            send(proc)
+            break
+    lines += proc.stderr.readlines()
+    proc.wait(timeout=600)
+    return Run(proc.returncode, "".join(lines), proc.pid)
+
+
+@pytest.mark.parametrize("action", ["sigint-self", "sigterm-self"])
+def test_a_signal_to_one_worker_fails_the_run(mini_src, reference, action, tmp_path):
+    """The worker stops and drops its shard: the run must end interrupted (130), never 'done' over a missing shard."""
+    dst = str(tmp_path / "out")
+    stopped = convert_cli(mini_src, dst, workers=2, fault=f"tensor_written:20:{action}")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert RESUME_HINT in stopped.message and "worker" in stopped.message
+    assert "Traceback" not in stopped.stderr and " done: " not in stopped.stderr
+    assert_group_gone(stopped.pgid)
+    assert_processes_gone(worker_pids(stopped.stderr))
+    assert_nothing_half_done(dst)
+    resume_and_compare(mini_src, dst, reference)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5, 1.5])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_group_while_workers_start(mini_src, reference, sig, delay, tmp_path):
+    """Ctrl-C (or a scheduler's SIGTERM to the group) while the workers import torch: exit 130, no process left."""
+    dst = str(tmp_path / "out")
+    stopped = signal_when(mini_src, dst, r"worker 1 started", delay, lambda p: os.killpg(p.pid, sig))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert RESUME_HINT in stopped.message
+    assert "Traceback" not in stopped.stderr
+    assert_group_gone(stopped.pgid)
+    assert_processes_gone(worker_pids(stopped.stderr))
+    assert_nothing_half_done(dst)
+    resume_and_compare(mini_src, dst, reference)
+
+
+@pytest.mark.parametrize("delay", [0.2, 2.0])
+def test_the_parent_killed_outright_leaves_no_worker_behind(mini_src, reference, delay, tmp_path):
+    """kill -9 of the converter alone: its workers stop (they rename nothing more) instead of running on."""
+    dst = str(tmp_path / "out")
+    killed = signal_when(mini_src, dst, r"worker 1 started", delay, lambda p: os.kill(p.pid, signal.SIGKILL))
+    assert killed.returncode == -signal.SIGKILL
+    assert_processes_gone(worker_pids(killed.stderr))
+    shards = sorted(n for n in os.listdir(dst) if n.endswith(".safetensors"))
+    time.sleep(1)
+    assert sorted(n for n in os.listdir(dst) if n.endswith(".safetensors")) == shards
+    assert not os.path.exists(os.path.join(dst, INDEX_NAME))
+    resume_and_compare(mini_src, dst, reference)
+
+
+def test_the_parent_stopped_by_sigterm_stops_its_workers(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    stopped = signal_when(mini_src, dst, r"wrote model-00001", 0.0, lambda p: os.kill(p.pid, signal.SIGTERM))
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert_processes_gone(worker_pids(stopped.stderr))
+    assert_nothing_half_done(dst)
+    resume_and_compare(mini_src, dst, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several ranks into one destination (torchrun / Slurm)
+# ---------------------------------------------------------------------------------------------------------------
+def launch_ranks(src: str, dst: str, world: int, fault_rank: int | None = None, fault: str | None = None) -> list[Run]:
+    """``world`` converters launched at once as ranks 0..world-1 (torchrun's variables), one worker each."""
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([HOOKS, ROOT]), RANK=str(r), WORLD_SIZE=str(world))
+        env.pop(FAULT_ENV, None)
+        if r == fault_rank:
+            env[FAULT_ENV] = fault
+        cmd = [sys.executable, SCRIPT, "--src", src, "--dst", dst, "--workers", "1", *FLAGS]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    return [Run(p.returncode, err, p.pid) for p, err in zip(procs, errs)]
+
+
+def test_three_ranks_write_the_files_of_one_process(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    runs = launch_ranks(mini_src, dst, 3)
+    for r, run in enumerate(runs):
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert f"rank {r} of 3: output shards i with i mod 3 == {r}" in run.stderr
+    assert sum("is the last to finish" in run.stderr for run in runs) >= 1
+    assert_identical(reference, dst)
+
+
+def test_a_killed_rank_is_resumed_by_relaunching_the_job(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    runs = launch_ranks(mini_src, dst, 3, fault_rank=1, fault="shard_renamed:1:kill")
+    assert runs[1].returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(dst, INDEX_NAME))
+    again = launch_ranks(mini_src, dst, 3)
+    assert [run.returncode for run in again] == [0, 0, 0], again[1].stderr[-3000:]
+    assert_identical(reference, dst)
+
+
+def test_progress_in_a_piped_log_is_plain_lines(mini_src, tmp_path):
+    """stderr to a pipe (``| tee``): no carriage return anywhere, and progress as log lines."""
+    run = convert_cli(mini_src, str(tmp_path / "out"), "--progress-every", "0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "\r" not in run.stderr
+    lines = [line for line in run.stderr.splitlines() if " progress: " in line]
+    assert len(lines) >= 2 and re.search(r"progress: 8/8 shards, [\d.]+/[\d.]+ GB \(100%\), [\d.]+ GB/s, ETA", lines[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,15 +600,57 @@ def no_tensor_files(src: str) -> None:
             os.remove(os.path.join(src, name))
 
 
-BROKEN_INPUTS = {
+def edit_config(edit):
+    def break_it(src: str) -> None:
+        path = os.path.join(src, "config.json")
+        config = json.load(open(path))
+        edit(config)
+        json.dump(config, open(path, "w"))
+
+    return break_it
+
+
+def no_config(src: str) -> None:
+    os.remove(os.path.join(src, "config.json"))
+
+
+def malformed_config(src: str) -> None:
+    with open(os.path.join(src, "config.json"), "w") as f:
+        f.write('{"num_hidden_layers": 2,')
+
+
+def transposed_weight(src: str) -> None:
+    """A [448, 128] weight header over a scale made for [128, 448]: the bytes fit 512x32 blocks, the config's not."""
+    edit_header(shard_path(src, "layers.0.ffn.experts.0.w1.weight"),
+                lambda h: h["layers.0.ffn.experts.0.w1.weight"].update(shape=[448, 128]))
+
+
+# Inputs that disagree with their own config.json: refused by inspect and by the converter alike.
+CONFIG_CASES = {
+    "config missing": (no_config, "config.json is missing"),
+    "config malformed": (malformed_config, "config.json in "),
+    "layers missing": (edit_config(lambda c: c.update(num_hidden_layers=3)),
+                       "num_hidden_layers=3, but the tensors hold layers 0-1: 1 missing (from 2)"),
+    "layers past the config": (edit_config(lambda c: c.update(num_hidden_layers=1)),
+                               "num_hidden_layers=1, but the tensors hold layers 0-1: 1 past it (from 1)"),
+    "unknown architecture": (edit_config(lambda c: c.update(architectures=["LlamaForCausalLM"])),
+                             "is not DeepSeek V4"),
+    "hidden size changed": (edit_config(lambda c: c.update(hidden_size=512)),
+                            "embed.weight: shape [1024, 448], but config.json says vocab_size=1024, hidden_size=512"),
+    "transposed weight": (transposed_weight, "layers.0.ffn.experts.0.w1.weight: scale shape [1, 4] does not fit "
+                                             "weight shape [448, 128] in the configured 128x128 blocks"),
+}
+ONE_CAUSE = {"truncated shard", "missing shard", "config missing", "unknown architecture"}
+
+BROKEN_INPUTS = {**CONFIG_CASES,
     "truncated shard": (truncate, "truncated shard?"),
     "corrupt header": (corrupt_header, "header is not valid JSON"),
     "missing shard": (remove_shard, "is listed in the index but missing"),
     "tensor in two shards": (duplicate_tensor, "tensor embed.weight is in two shards"),
     "weight without scale": (drop_scale, "FP8 weight layers.0.attn.wq_a.weight (model-00002-of-00005.safetensors) "
                                          "has no scale companion"),
-    "scale of wrong shape": (reshape_scale, "layers.0.attn.wq_a.weight: scale shape [3, 4] fits no block size for "
-                                            "weight shape [256, 448]"),
+    "scale of wrong shape": (reshape_scale, "layers.0.attn.wq_a.weight: scale shape [3, 4] does not fit "
+                                            "weight shape [256, 448] in the configured 128x128 blocks"),
     "NaN in a kept FP8 weight": (poke("layers.0.attn.wq_a.weight", (0, 0), b"\x7f"),
                                  "layers.0.attn.wq_a.weight: weight holds FP8 NaN bytes"),
     "NaN in a quantized weight's scale": (poke("layers.0.ffn.experts.0.w1.scale", (0, 0), b"\xff"),
@@ -485,8 +672,90 @@ def test_broken_input_is_refused_with_a_clear_message(copy_of, case, tmp_path):
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr
     assert fragment in run.message
+    if case in ONE_CAUSE:  # knock-on problems (every tensor of a missing shard, ...) are not listed
+        assert len([line for line in run.message.splitlines() if line.startswith("  - ")]) <= 1, run.message
     if os.path.exists(dst):
         assert_nothing_half_done(dst)
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES) + ["truncated shard"])
+def test_inspect_refuses_what_the_converter_refuses(copy_of, case):
+    break_it, fragment = BROKEN_INPUTS[case]
+    src = copy_of(break_it)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "inspect_model.py"), src], capture_output=True, text=True)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert fragment in run.stdout
+    if case in ONE_CAUSE:
+        assert "PROBLEMS (1)" in run.stdout, run.stdout[-3000:]
+
+
+def _not_json(tmp_path) -> str:
+    path = tmp_path / "act.json"
+    path.write_text("input_amax: 1")
+    return str(path)
+
+
+def _a_file(tmp_path) -> str:
+    path = tmp_path / "out"
+    path.write_text("")
+    return str(path)
+
+
+# flags (a callable gets tmp_path) -> what the one line says. argparse's own errors have no log line around them.
+FLAG_ERRORS = {
+    "bad regex": (("--quantize", "experts.(w1"), "not a regular expression"),
+    "no GPU": (("--device", "cuda"), "--device cuda: no CUDA GPU"),
+    "no workers": (("--workers", "0"), "--workers must be at least 1"),
+    "unknown flag": (("--bogus",), "unrecognized arguments: --bogus"),
+    "missing activation scales": (("--activation-scales", "/nonexistent/act.json"), "--activation-scales"),
+    "activation scales not JSON": (("--activation-scales", _not_json), "cannot read it"),
+    "destination is a file": (("--dst", _a_file), "is a file, not a folder"),
+    "nothing to quantize": (("--keep", ".*"), "nothing to quantize"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_ERRORS))
+def test_every_flag_error_is_one_line_and_exit_2(mini_src, case, tmp_path):
+    flags, fragment = FLAG_ERRORS[case]
+    flags = [f(tmp_path) if callable(f) else f for f in flags]
+    dst = flags[flags.index("--dst") + 1] if "--dst" in flags else str(tmp_path / "dst")
+    flags = [f for k, f in enumerate(flags) if "--dst" not in (f, flags[k - 1] if k else None)]
+    cmd = [sys.executable, SCRIPT, "--src", mini_src, "--dst", dst, "--device", "cpu", *flags]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and fragment in errors[0], run.stderr[-3000:]
+    assert not os.path.exists(os.path.join(dst, INDEX_NAME)) if os.path.isdir(dst) else True
+
+
+def test_inspect_json_to_an_unwritable_path_is_one_line(mini_src):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "inspect_model.py"), mini_src, "--json",
+                          "/nonexistent/facts.json"], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "/nonexistent/facts.json" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_resume_with_other_flags_names_the_flag_that_changed(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    shutil.copytree(reference, dst)
+    run = subprocess.run([sys.executable, SCRIPT, "--src", mini_src, "--dst", dst, "--device", "cpu",
+                          "--max-shard-size", "2MB", "--scale-policy", "reference"], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    message = Run(run.returncode, run.stderr, 0).message
+    assert len(message.splitlines()) == 1, message
+    assert f"--max-shard-size was {SHARD_SIZE}, now 2000000" in message
+    assert '--scale-policy was "auto", now "reference"' in message and "--restart" in message
+    assert output_files(dst) == output_files(reference)
+
+
+def test_no_verify_resume_does_not_claim_verified(mini_src, reference, tmp_path):
+    dst = str(tmp_path / "out")
+    shutil.copytree(reference, dst)
+    run = convert_cli(mini_src, dst, "--no-verify-resume")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "checked by size only" in run.stderr and "verified" not in run.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

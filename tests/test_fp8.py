@@ -50,7 +50,6 @@ def naive_dequantize(weight, scale, block) -> torch.Tensor:
         ((576, 7168), (5, 56), (128, 128), (128, 128)),
         ((100, 7168), (1, 56), None, (128, 128)),  # scale dim 1: any b >= 100 decodes alike; 128 is the smallest
         ((100, 7168), (1, 56), (256, 128), (256, 128)),  # ... and the configured value wins when it fits
-        ((256, 256), (2, 2), (64, 64), (128, 128)),  # a configured value that does not fit is ignored
     ],
 )
 def test_infer_block_size(weight_shape, scale_shape, configured, expected):
@@ -64,6 +63,16 @@ def test_infer_block_size(weight_shape, scale_shape, configured, expected):
 def test_infer_block_size_rejects_shapes_fitting_no_block(weight_shape, scale_shape):
     with pytest.raises(FP8FormatError, match=NAME.replace(".", r"\.")):
         fp8.infer_block_size(weight_shape, scale_shape, name=NAME)
+
+
+@pytest.mark.parametrize(
+    "weight_shape, scale_shape, configured",
+    [((256, 256), (2, 2), (64, 64)),  # fits 128x128 blocks, but the config says 64x64
+     ((448, 128), (1, 4), (128, 128))],  # the scale of a [128, 448] weight: fits 512x32 blocks, not the config's
+)
+def test_infer_block_size_holds_to_the_configured_block(weight_shape, scale_shape, configured):
+    with pytest.raises(FP8FormatError, match=r"does not fit weight shape .* configured"):
+        fp8.infer_block_size(weight_shape, scale_shape, configured, name=NAME)
 
 
 # ---------------------------------------------------------------------------------------------------------------

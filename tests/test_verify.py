@@ -93,11 +93,17 @@ def test_good_output_passes_every_check_that_runs(tiny_out, tmp_path, monkeypatc
         runpy.run_path(os.path.join(ROOT, "verify_nvfp4.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert exit_code.value.code == 0, out
-    checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
-    assert checks["static"]["status"] == "PASS"
-    # The source the converter recorded, every module of a small checkpoint, NVFP4 and kept FP8 alike.
-    assert checks["numeric"]["status"] == "PASS"
-    assert "196 of 196 modules compared (144 NVFP4, 52 kept FP8)" in checks["numeric"]["evidence"][0]
+    written = json.loads(report.read_text())
+    assert written["result"] == "PASS" and written["passed"] is True
+    checks = {c["name"]: c for c in written["checks"]}
+    for name in ("static", "finite", "tensor_set", "model_config", "copies", "numeric"):
+        assert checks[name]["status"] == "PASS", checks[name]
+    # The source the converter recorded; every NVFP4 module of a small checkpoint decoded, every other tensor
+    # compared byte for byte.
+    assert "144 of 144 NVFP4 modules compared" in checks["numeric"]["evidence"][0]
+    assert checks["copies"]["evidence"] == [
+        "120 copied tensors and 52 kept FP8 modules (weight and scale) compared byte for byte with the source"]
+    assert "656 tensors expected by .nvfp4kit/plan.json" in checks["tensor_set"]["evidence"]
     assert checks["block_forward"]["status"] == "PASS"
     assert "relative error of the output 0.000e+00" in checks["block_forward"]["evidence"][0]  # exact policy
     assert checks["vllm_generate"]["status"] in ("SKIP", "PASS")
@@ -120,10 +126,9 @@ def test_swapped_nibbles_fail_numeric_by_name(tiny_src, tiny_out, tmp_path):
     assert not numeric.passed
     assert len(numeric.problems) == 1 and numeric.problems[0].startswith(f"{EXPERT}.w3:")
     assert "exact rule" in numeric.problems[0]
-    # Without the converter's report (a Path B output) the SQNR threshold alone catches it.
-    os.remove(os.path.join(bad, "conversion_report.json"))
+    # Without the converter's per-tensor rules (a Path B output) the SQNR threshold alone catches it.
     ckpt = open_checkpoint(bad)
-    numeric = check_numeric(bad, ckpt, take_inventory(ckpt), tiny_src, sample=None)
+    numeric = check_numeric(ckpt, take_inventory(ckpt), open_checkpoint(tiny_src), rules={}, sample=None)
     assert [p.split(":")[0] for p in numeric.problems] == [f"{EXPERT}.w3"]
     assert "SQNR" in numeric.problems[0] and "< 15.0 dB" in numeric.problems[0]
 

@@ -1,7 +1,7 @@
 """Fault injection for tests/test_faults.py, loaded by Python at start-up when this folder is on PYTHONPATH.
 
-The converter runs its shards in *spawned* worker processes; each of them starts a fresh interpreter that imports
-this module too (PYTHONPATH and the environment are inherited), so one fault specification reaches every process
+The converter runs its shards in worker processes (``python -m nvfp4kit.workers``); each of them starts a fresh
+interpreter that imports this module too (PYTHONPATH and the environment are inherited), so one fault specification reaches every process
 of a run without a line of test code in the product:
 
     NVFP4KIT_FAULT=POINT:N:ACTION    e.g.  shard_renamed:2:kill   tensor_written:5:enospc   manifest:1:torn
@@ -9,10 +9,11 @@ of a run without a line of test code in the product:
 POINT names a place in nvfp4kit.convert (see :data:`POINTS`); the fault fires at the N-th time *one process*
 reaches it. ACTION is one of:
 
-- ``kill``: SIGKILL the whole process group of the run (start it with ``start_new_session=True``): a power cut,
-  the OOM killer or ``kill -9`` of a job;
-- ``sigint``: SIGINT to the process group (Ctrl-C in a terminal), then carry on;
+- ``kill``: SIGKILL the run's process group and this process's own (workers run in groups of their own): a power
+  cut, the OOM killer or ``kill -9`` of a job;
+- ``sigint``: SIGINT to the converter's process group (Ctrl-C in a terminal), then carry on;
 - ``sigterm``: SIGTERM to the converter's main process only (``kill PID``, a scheduler's stop), then carry on;
+- ``sigint-self`` / ``sigterm-self``: the signal to this process only (one worker stopped from outside);
 - ``enospc`` / ``eio``: raise ``OSError`` with that errno (a full disk, a failing disk);
 - ``torn`` (``manifest`` only): write the first half of the manifest line, then SIGKILL the group.
 """
@@ -29,20 +30,26 @@ ENV = "NVFP4KIT_FAULT"
 
 
 def _main_pid() -> int:
-    import multiprocessing
+    """The converter's own process: a worker (``python -m nvfp4kit.workers JOB K PARENT``) names its parent."""
+    import sys
 
-    return os.getppid() if multiprocessing.parent_process() is not None else os.getpid()
+    return int(sys.argv[3]) if sys.argv[0].endswith(os.path.join("nvfp4kit", "workers.py")) else os.getpid()
 
 
 def _kill_group() -> None:
+    """A power cut: SIGKILL to the converter's process group and to this process's own (a worker runs in a group of
+    its own)."""
+    os.killpg(os.getpgid(_main_pid()), signal.SIGKILL)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 # ACTION -> what it does, given the path the patched call names (None for a data write, as a real write error)
 ACTIONS = {
     "kill": lambda path: _kill_group(),
-    "sigint": lambda path: os.killpg(os.getpgrp(), signal.SIGINT),
+    "sigint": lambda path: os.killpg(os.getpgid(_main_pid()), signal.SIGINT),
     "sigterm": lambda path: os.kill(_main_pid(), signal.SIGTERM),
+    "sigint-self": lambda path: os.kill(os.getpid(), signal.SIGINT),
+    "sigterm-self": lambda path: os.kill(os.getpid(), signal.SIGTERM),
     "enospc": lambda path: _raise(errno.ENOSPC, path),
     "eio": lambda path: _raise(errno.EIO, path),
 }
