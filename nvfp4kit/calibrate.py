@@ -22,7 +22,11 @@ The job, top to bottom (:func:`quantize_with_llmcompressor`):
    differ only in the quantized experts; config from :func:`nvfp4kit.layouts.quantization_config`; index last;
 7. optionally export the activation amax for ``fp8_to_nvfp4_streaming.py --activation-scales``; clean up.
 
-Calibration is not resumable: a crash during step 4 restarts it (the staging checkpoint is reused).
+Refusals come before any work: the destination, the rule table, host memory for the activation cache, the
+calibration data and its chat rendering. A rerun of the same command resumes: staging skips its finished shards,
+a finished calibration (``calibration.json`` next to llm-compressor's save) is reused, and the output writing skips
+the shards its manifest (``DST/.nvfp4kit/manifest.jsonl``) records as intact and made from that calibration; the
+bytes equal an uninterrupted run's. Only a calibration cut short starts over.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,14 +48,18 @@ import torch
 from . import __version__
 from .card import write_card
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-from .convert import atomic_write_json, compute_unit, copy_side_files, peak_rss_bytes, read_unit
+# Path A's pieces Path B shares (the lock and the completeness check are private to convert.py for now).
+from .convert import (LOCK_NAME, STATE_DIR, _check_complete, _exclusive_lock, atomic_write_json, compute_unit,
+                      copy_side_files, peak_rss_bytes, read_unit)
 from .hf_model import dequantized_source
 from .layouts import Layout
+from .manifest import append_entry, intact_entries, read_manifest
 from .nvfp4 import GLOBAL_SCALE_DIVISOR
 from .plan import ConversionPlan, Options, build_plan, source_fingerprint
 from .rules import Action, is_mtp, joint_scale_group, module_name
-from .safetensors_io import DTYPES, TensorInfo, TensorSpec, encode_header, read_header, read_tensor, tensor_bytes
+from .safetensors_io import DTYPES, TensorInfo, TensorSpec, read_header, read_tensor
 from .errors import KitError
+from .write import write_shard
 
 log = logging.getLogger("nvfp4kit.calibrate")
 
@@ -59,6 +68,9 @@ STAGING = "staging"
 LLMC_SAVE = "llmcompressor-save"
 OFFLOAD = "offload"
 REPORT_NAME = "path_b_report.json"
+FINGERPRINT_NAME = "path_b.json"  # in DST/.nvfp4kit/: the command whose output this is (Path A's is fingerprint.json)
+CALIBRATION_NAME = "calibration.json"  # in the work folder: a finished calibration, reused by a rerun
+HEADROOM_GB = 10.0  # host memory left to the process itself, torch and the page cache
 ACTIVATION_SCALES_FORMAT = "nvfp4kit.activation-scales.v1"
 NVFP4_SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -100,42 +112,44 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
     src, dst = os.path.realpath(src), os.path.realpath(dst)
     if options.format != "compressed-tensors":
         raise PathBError("Path B writes compressed-tensors only (llm-compressor's format); use Path A for others")
-    _claim_destination(src, dst, settings.overwrite)
-    work = os.path.realpath(settings.offload_dir or dst.rstrip("/") + ".offload")
-    log.info("Path B: %s -> %s, work folder %s. Calibration is NOT resumable: a crash during calibration restarts "
-             "it (the BF16 staging checkpoint is reused).", src, dst, work)
+    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise PathBError(f"destination {dst} and source {src} must not contain each other")
     ckpt = open_checkpoint(src)
+    fingerprint = run_fingerprint(ckpt, options, settings)
+    check_destination(dst, fingerprint, settings.overwrite)
     weight_only = build_plan(ckpt, options)  # fails early, listing every problem, before hours of work
     quantized = sorted(m for m, a in weight_only.actions.items() if a == Action.QUANTIZE.value)
     log.info("rule table: %d modules to quantize (%d in MTP), %d kept FP8", len(quantized),
              sum(map(is_mtp, quantized)), sum(a == Action.KEEP_FP8.value for a in weight_only.actions.values()))
-
-    _stage("1/5 staging", started)
-    staging = stage_bf16_checkpoint(ckpt, os.path.join(work, STAGING), settings.dtype)
-    _stage("2/5 loading", started)
-    cpu_gb = settings.max_cpu_memory_gb
-    if cpu_gb is None:
-        cpu_gb = cpu_budget_gb(layer_memory_estimate(ckpt, settings.num_samples, settings.max_seq_len))
-    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype, cpu_gb)
-    names = hf_to_native_modules(ckpt)
-    ignore = ignore_list(model, names, weight_only.actions)
-    _stage("3/5 calibration", started)
-    from .calibration_data import tokenized_dataset
-
-    data = tokenized_dataset(settings.dataset, tokenizer, src, settings.num_samples, settings.max_seq_len,
-                             settings.seed, settings.split)
-    saved_dir = os.path.join(work, LLMC_SAVE)
-    layer_log = run_oneshot(model, tokenizer, data, ignore, saved_dir, settings)
-    del model
-    _stage("4/5 collecting scales", started)
-    saved = saved_tensors(saved_dir)
-    result = collect_activation_amax(saved, quantized, options.joint_scale)
-    result.layer_log = layer_log
-    if settings.export_activation_scales:
-        export_activation_scales(settings.export_activation_scales, src, result)
-    _stage("5/5 writing", started)
-    plan = build_plan(ckpt, options, result.input_amax)
-    report = write_output(ckpt, plan, saved, dst, result, time.time() - started)
+    estimate = layer_memory_estimate(ckpt, settings.num_samples, settings.max_seq_len)
+    budget = cpu_budget_gb(estimate, host_memory_gb(), settings.num_samples, settings.max_seq_len)
+    cpu_gb = budget if settings.max_cpu_memory_gb is None else settings.max_cpu_memory_gb
+    data = _calibration_data(src, settings)  # the dataset and its chat rendering fail here, not after staging
+    work = os.path.realpath(settings.offload_dir or dst.rstrip("/") + ".offload")
+    log.info("Path B: %s -> %s, work folder %s", src, dst, work)
+    os.makedirs(dst, exist_ok=True)
+    with _exclusive_lock(dst):
+        finished = claim_destination(dst, fingerprint, settings.overwrite)
+        if finished is not None:
+            log.info("%s is already complete (every shard intact by hash): nothing to do", dst)
+            return finished
+        calibration = _read_json(os.path.join(work, CALIBRATION_NAME))
+        if calibration is not None and calibration.get("fingerprint") == fingerprint:
+            log.info("reusing the finished calibration %s in %s", calibration["calibration_id"], work)
+        else:
+            _stage("1/5 staging", started)
+            staging = stage_bf16_checkpoint(ckpt, os.path.join(work, STAGING), settings.dtype)
+            calibration = calibrate(ckpt, staging, work, weight_only, data, settings, cpu_gb, fingerprint, started)
+        _stage("4/5 collecting scales", started)
+        saved = saved_tensors(os.path.join(work, LLMC_SAVE))
+        result = collect_activation_amax(saved, quantized, options.joint_scale)
+        result.layer_log = calibration["layers"]
+        if settings.export_activation_scales:
+            export_activation_scales(settings.export_activation_scales, src, result)
+        _stage("5/5 writing", started)
+        plan = build_plan(ckpt, options, result.input_amax)
+        done = write_output(ckpt, plan, saved, dst, result, calibration["calibration_id"])
+        report = finish(ckpt, plan, dst, done, result, time.time() - started)
     if not settings.keep_offload:
         shutil.rmtree(work, ignore_errors=True)
         log.info("removed the work folder %s", work)
@@ -143,15 +157,121 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
     return report
 
 
-def _claim_destination(src: str, dst: str, overwrite: bool) -> None:
-    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-        raise PathBError(f"destination {dst} and source {src} must not contain each other")
-    if os.path.isdir(dst) and os.listdir(dst):
-        if not overwrite:
-            raise PathBError(f"{dst} is not empty; pass --overwrite to replace it (Path B cannot resume)")
-        log.warning("--overwrite: removing the contents of %s", dst)
-        shutil.rmtree(dst)
-    os.makedirs(dst, exist_ok=True)
+def _calibration_data(src: str, settings: CalibrationSettings):
+    """The tokenized calibration samples (the source's tokenizer: staging copies its files unchanged)."""
+    from transformers import AutoTokenizer
+
+    from .calibration_data import tokenized_dataset
+
+    return tokenized_dataset(settings.dataset, AutoTokenizer.from_pretrained(src), src, settings.num_samples,
+                             settings.max_seq_len, settings.seed, settings.split)
+
+
+def calibrate(ckpt: Checkpoint, staging: str, work: str, weight_only: ConversionPlan, data,
+              settings: CalibrationSettings, cpu_gb: float, fingerprint: dict, started: float) -> dict:
+    """Load, calibrate and save into ``work``; returns the record :data:`CALIBRATION_NAME` holds, written last: a
+    rerun reuses a calibration only once it is complete."""
+    for stale in (CALIBRATION_NAME, LLMC_SAVE, OFFLOAD):  # a calibration cut short leaves nothing to trust
+        path = os.path.join(work, stale)
+        shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+    _stage("2/5 loading", started)
+    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype, cpu_gb)
+    ignore = ignore_list(model, hf_to_native_modules(ckpt), weight_only.actions)
+    _stage("3/5 calibration", started)
+    layer_log = run_oneshot(model, tokenizer, data, ignore, os.path.join(work, LLMC_SAVE), settings)
+    del model
+    record = {"fingerprint": fingerprint, "calibration_id": uuid.uuid4().hex, "layers": layer_log}
+    atomic_write_json(os.path.join(work, CALIBRATION_NAME), record)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The destination: new, resumed, or replaced
+# ---------------------------------------------------------------------------------------------------------------
+def run_fingerprint(ckpt: Checkpoint, options: Options, settings: CalibrationSettings) -> dict:
+    """What the output bytes depend on: the source, the plan's flags and the calibration's inputs."""
+    return {
+        "kit_version": __version__,
+        "source": ckpt.root,
+        "source_fingerprint": source_fingerprint(ckpt),
+        "options": options.as_json(),
+        "calibration": {"dataset": settings.dataset, "split": settings.split, "num_samples": settings.num_samples,
+                        "max_seq_len": settings.max_seq_len, "seed": settings.seed, "dtype": str(settings.dtype)},
+    }
+
+
+def check_destination(dst: str, fingerprint: dict, overwrite: bool) -> bool:
+    """Whether ``dst`` holds this command's output (to resume); refuses anything else non-empty unless
+    ``overwrite``. Reads only."""
+    previous = _read_json(os.path.join(dst, STATE_DIR, FINGERPRINT_NAME))
+    if previous == fingerprint:
+        return True
+    leftovers = sorted(n for n in os.listdir(dst) if not n.startswith(LOCK_NAME)) if os.path.isdir(dst) else []
+    if leftovers and not overwrite:
+        if previous is not None:
+            raise PathBError(f"{dst} holds a Path B run with other settings ({_changes(previous, fingerprint)}): "
+                             "rerun that command to resume it, or pass --overwrite to replace it")
+        raise PathBError(f"{dst} is not empty and holds no Path B run ({', '.join(leftovers[:5])}); choose an empty "
+                         "destination or pass --overwrite to replace its contents")
+    return False
+
+
+def _changes(previous: dict, now: dict) -> str:
+    """``options.max_shard_size, calibration.num_samples``: which recorded settings differ."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+    a, b = flat(previous), flat(now)
+    return ", ".join(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)) or "its record differs"
+
+
+def claim_destination(dst: str, fingerprint: dict, overwrite: bool) -> dict | None:
+    """Make ``dst`` this command's: resumed if it holds this command's output (its report if that is complete and
+    intact), else emptied (with ``overwrite``) and its fingerprint written. Runs under the destination's lock."""
+    state = os.path.join(dst, STATE_DIR)
+    if check_destination(dst, fingerprint, overwrite):
+        report = _complete_report(dst, state)
+        if report is not None:
+            return report
+        log.info("resuming this command's unfinished output in %s", dst)
+        if os.path.exists(os.path.join(dst, INDEX_NAME)):
+            os.remove(os.path.join(dst, INDEX_NAME))  # rewritten last, once every shard is recorded
+        return None
+    for name in os.listdir(dst):
+        if not name.startswith(LOCK_NAME):
+            log.warning("--overwrite: removing %s", os.path.join(dst, name))
+            path = os.path.join(dst, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(state)
+    atomic_write_json(os.path.join(state, FINGERPRINT_NAME), fingerprint)
+    return None
+
+
+def _complete_report(dst: str, state: str) -> dict | None:
+    """The report of a finished output whose every indexed shard is recorded and intact by hash, else None."""
+    index, report = _read_json(os.path.join(dst, INDEX_NAME)), _read_json(os.path.join(dst, REPORT_NAME))
+    if index is None or report is None:
+        return None
+    recorded = read_manifest(state)
+    shards = sorted(set(index["weight_map"].values()))
+    if any(s not in recorded for s in shards):
+        return None
+    return report if all(intact_entries(dst, [recorded[s] for s in shards], by_hash=True)) else None
+
+
+def finished_shards(folder: str, state: str, names: list[str], by_hash: bool) -> dict[str, dict]:
+    """Manifest entries (in ``state``) of the shards ``names`` that are on disk intact; removes every partial file
+    a killed run left in ``folder`` (never trusted)."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".partial"):
+            os.remove(os.path.join(folder, name))
+    wanted = set(names)
+    recorded = [e for e in read_manifest(state).values() if e["name"] in wanted]
+    ok = intact_entries(folder, recorded, by_hash)
+    for e, good in zip(recorded, ok):
+        if not good:
+            log.warning("shard %s is missing, truncated or corrupt: it will be written again", e["name"])
+    return {e["name"]: e for e, good in zip(recorded, ok) if good}
 
 
 def _stage(what: str, started: float) -> None:
@@ -179,51 +299,42 @@ def staged_tensor_names(ckpt: Checkpoint) -> list[str]:
 def stage_bf16_checkpoint(ckpt: Checkpoint, staging: str, dtype: torch.dtype = torch.bfloat16) -> str:
     """Write ``staging``: the source with FP8 weights dequantized to ``dtype``, shard by shard; returns its path.
 
-    Each staging shard mirrors one source shard and is written to ``.NAME.partial`` then renamed; a rerun skips the
-    shards already written for the same source (``staging.json`` holds the source fingerprint). Only one tensor is
-    in memory at a time.
+    Each staging shard mirrors one source shard, written by :func:`nvfp4kit.write.write_shard` and recorded in the
+    staging folder's manifest; a rerun for the same source (``staging.json`` holds its fingerprint) skips the
+    shards recorded and present at their size (not re-hashed: the staging checkpoint is several TB and only read
+    back by transformers). Only one tensor is in memory at a time.
     """
     os.makedirs(staging, exist_ok=True)
     state_path = os.path.join(staging, "staging.json")
     fingerprint = {"source_fingerprint": source_fingerprint(ckpt), "dtype": str(dtype), "kit_version": __version__}
-    state = _read_json(state_path) or {}
-    if state.get("fingerprint") != fingerprint:
-        if state:
+    state = _read_json(state_path)
+    if state is None or state.get("fingerprint") != fingerprint:
+        if state is not None:
             log.warning("staging folder %s belongs to another source or dtype: rebuilding it", staging)
         shutil.rmtree(staging)
         os.makedirs(staging)
-        state = {"fingerprint": fingerprint, "done": []}
-        atomic_write_json(state_path, state)
+        atomic_write_json(state_path, {"fingerprint": fingerprint})
     wanted = set(staged_tensor_names(ckpt))
     fp8 = {n for n in wanted if ckpt.tensors[n].dtype == "F8_E4M3"}
     read = dequantized_source(ckpt)
-    weight_map: dict[str, str] = {}
+    by_shard = {shard: sorted((n for n in wanted if ckpt.shard_of(n) == shard), key=lambda n: ckpt.tensors[n].begin)
+                for shard in ckpt.shards}
+    done = finished_shards(staging, staging, list(by_shard), by_hash=False)
     t0 = time.time()
-    for k, shard in enumerate(ckpt.shards):
-        names = [n for n in wanted if ckpt.shard_of(n) == shard]
-        names.sort(key=lambda n: ckpt.tensors[n].begin)
-        weight_map.update({n: shard for n in names})
-        if shard in state["done"] or not names:
+    for k, (shard, names) in enumerate(by_shard.items()):
+        if shard in done or not names:
             continue
         specs = [TensorSpec(n, "BF16" if n in fp8 and dtype == torch.bfloat16 else
                             ("F32" if n in fp8 else ckpt.tensors[n].dtype), ckpt.tensors[n].shape) for n in names]
-        partial = os.path.join(staging, f".{shard}.partial")
-        with open(partial, "wb") as f:
-            f.write(encode_header(specs))
-            for n in names:
-                t = read(n)
-                f.write(tensor_bytes(t.to(dtype) if n in fp8 else t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, os.path.join(staging, shard))
-        state["done"].append(shard)
-        atomic_write_json(state_path, state)
-        done = k + 1
-        eta = (time.time() - t0) / done * (len(ckpt.shards) - done)
-        log.info("staged %s (%d/%d shards), elapsed %s, ETA %s", shard, done, len(ckpt.shards),
+        tensors = (read(n).to(dtype) if n in fp8 else read(n) for n in names)
+        append_entry(staging, write_shard(staging, shard, specs, tensors))
+        done_now = k + 1
+        eta = (time.time() - t0) / done_now * (len(ckpt.shards) - done_now)
+        log.info("staged %s (%d/%d shards), elapsed %s, ETA %s", shard, done_now, len(ckpt.shards),
                  _hms(time.time() - t0), _hms(eta))
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     atomic_write_json(os.path.join(staging, "config.json"), config)
+    weight_map = {n: shard for shard, names in by_shard.items() for n in names}
     atomic_write_json(os.path.join(staging, INDEX_NAME), {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(ckpt.root, name)):
@@ -422,17 +533,34 @@ def layer_memory_estimate(ckpt: Checkpoint, num_samples: int, max_seq_len: int) 
     }
 
 
-def cpu_budget_gb(estimate: dict[str, float], headroom_gb: float = 10.0) -> float:
-    """Host memory the offloaded model may keep on the CPU: what remains of physical memory once the activation
-    cache, one layer in transit and some headroom are set aside (the rest of the model stays on disk)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    budget = total - estimate["activation_cache_gb"] - estimate["layer_gb"] - headroom_gb
-    log.info("memory per layer: %.2f GB onloaded (GPU), %.2f GB activation cache (host); host %.1f GB -> model share "
-             "kept in host memory: %.1f GB, the rest offloaded to disk", estimate["layer_gb"],
-             estimate["activation_cache_gb"], total, max(budget, 0.0))
+def host_memory_gb() -> float:
+    """This machine's physical memory (GB)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def cpu_budget_gb(estimate: dict[str, float], host_gb: float, num_samples: int, max_seq_len: int,
+                  headroom_gb: float = HEADROOM_GB) -> float:
+    """Host memory the offloaded model may keep on the CPU: what remains of ``host_gb`` once the activation cache,
+    one layer in transit and ``headroom_gb`` are set aside (the rest of the model stays on disk).
+
+    Raises :class:`PathBError` with the figures and the largest ``--num-samples``/``--max-seq-len`` that fit when
+    nothing remains: the sequential pipeline must hold the whole cache, and would die hours later.
+    """
+    assert num_samples > 0 and max_seq_len > 0 and host_gb > 0
+    cache, layer = estimate["activation_cache_gb"], estimate["layer_gb"]
+    budget = host_gb - cache - layer - headroom_gb
     if budget < 0:
-        log.warning("the activation cache and one layer exceed host memory: lower --num-samples or --max-seq-len")
-    return max(budget, 0.0)
+        room = host_gb - layer - headroom_gb  # what the cache may take
+        fits = (f"at most --num-samples {math.floor(num_samples * room / cache)} (with --max-seq-len {max_seq_len}) or "
+                f"--max-seq-len {math.floor(max_seq_len * room / cache)} (with --num-samples {num_samples})"
+                if room > 0 else "no cache at all: one decoder layer alone does not fit")
+        raise PathBError(
+            f"not enough host memory for calibration: the activation cache of {num_samples} samples x {max_seq_len} "
+            f"tokens takes {cache:.1f} GB, one decoder layer {layer:.1f} GB, headroom {headroom_gb:.0f} GB: "
+            f"{cache + layer + headroom_gb:.1f} GB needed, {host_gb:.1f} GB on this machine; {fits} fits")
+    log.info("memory per layer: %.2f GB onloaded (GPU), %.2f GB activation cache (host); host %.1f GB -> model share "
+             "kept in host memory: %.1f GB, the rest offloaded to disk", layer, cache, host_gb, budget)
+    return budget
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -533,33 +661,54 @@ def export_activation_scales(path: str, src: str, result: CalibrationResult) -> 
 # Stage 5: the output, by Path A's plan
 # ---------------------------------------------------------------------------------------------------------------
 def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, TensorInfo], dst: str,
-                 result: CalibrationResult, seconds: float) -> dict:
-    """Write every shard of ``plan``; NVFP4 units calibrated by llm-compressor take its tensors."""
+                 result: CalibrationResult, calibration_id: str) -> dict[str, dict]:
+    """Write every shard of ``plan`` the manifest does not record as intact and made from ``calibration_id``;
+    returns the manifest entries of all of them. Calibrated units take llm-compressor's tensors."""
+    state = os.path.join(dst, STATE_DIR)
+    done = {n: e for n, e in finished_shards(dst, state, [s.name for s in plan.shards], by_hash=True).items()
+            if e.get("calibration_id") == calibration_id}  # another calibration's shards would mix two results
+    if done:
+        log.info("%d of %d shards already written (verified by hash)", len(done), len(plan.shards))
     layout = Layout(plan.options.format, w4a4=True)
-    cpu = torch.device("cpu")
-    stats: dict[str, dict] = {}
-    from_llmc = 0
     for k, shard in enumerate(plan.shards):
+        if shard.name in done:
+            continue
         units = [plan.units[i] for i in shard.units]
-        specs = [o for u in units for o in u.outputs]
-        partial = os.path.join(dst, f".{shard.name}.partial")
-        with open(partial, "wb") as f:
-            f.write(encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__} path B"}))
-            for unit in units:
-                if unit.kind == "nvfp4" and not any(map(is_mtp, unit.modules)):
-                    data = _calibrated_tensors(unit.modules, unit.outputs, saved, result)
-                    from_llmc += len(unit.modules)
-                    for t in data:
-                        f.write(tensor_bytes(t))
-                    continue
-                for item in read_unit(unit, ckpt.tensors, False):  # Path A's own code for everything else
-                    data, _ = compute_unit(item, plan, layout, cpu, stats)
-                    for t in data:
-                        f.write(tensor_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, os.path.join(dst, shard.name))
+        stats: dict[str, dict] = {}
+        entry = write_shard(dst, shard.name, [o for u in units for o in u.outputs],
+                            _shard_tensors(units, ckpt, plan, layout, saved, result, stats),
+                            {"format": "pt", "producer": f"nvfp4kit {__version__} path B"})
+        entry.update(calibration_id=calibration_id, tensors=stats,
+                     modules_from_llmcompressor=sum(len(u.modules) for u in units if _calibrated(u)))
+        append_entry(state, entry)
+        done[shard.name] = entry
         log.info("wrote %s (%d/%d)", shard.name, k + 1, len(plan.shards))
+    return done
+
+
+def _calibrated(unit) -> bool:
+    """Units whose tensors come from llm-compressor: NVFP4 outside MTP (transformers builds no MTP)."""
+    return unit.kind == "nvfp4" and not any(map(is_mtp, unit.modules))
+
+
+def _shard_tensors(units: list, ckpt: Checkpoint, plan: ConversionPlan, layout: Layout,
+                   saved: dict[str, TensorInfo], result: CalibrationResult, stats: dict) -> Iterator[torch.Tensor]:
+    """One shard's tensors in the plan's order, one unit at a time; Path A's unit code for every uncalibrated unit
+    (kept FP8, copies, MTP experts), its per-tensor statistics into ``stats``."""
+    cpu = torch.device("cpu")
+    for unit in units:
+        if _calibrated(unit):
+            yield from _calibrated_tensors(unit.modules, unit.outputs, saved, result)
+            continue
+        for item in read_unit(unit, ckpt.tensors, False):
+            yield from compute_unit(item, plan, layout, cpu, stats)[0]
+
+
+def finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dict], result: CalibrationResult,
+           seconds: float) -> dict:
+    """Side files, config, report, card, and last the index: only once every planned shard is recorded and on disk
+    (Path A's check). Returns the report."""
+    _check_complete(plan, dst, done)
     copy_side_files(ckpt.root, dst)
     config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
     config["quantization_config"] = plan.quantization_config
@@ -569,8 +718,8 @@ def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, Tensor
         "path": "B (llm-compressor oneshot, NVFP4 W4A4)",
         "source": ckpt.root,
         "options": plan.options.as_json(),
-        "modules_from_llmcompressor": from_llmc,
-        "modules_quantized_by_path_a_code": sorted(stats),
+        "modules_from_llmcompressor": sum(e["modules_from_llmcompressor"] for e in done.values()),
+        "modules_quantized_by_path_a_code": sorted(m for e in done.values() for m in e["tensors"]),
         "activation_scale_fallbacks": result.fallbacks,
         "layers": result.layer_log,
         "seconds": round(seconds, 1),

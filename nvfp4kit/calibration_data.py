@@ -85,10 +85,19 @@ def chat_renderer(tokenizer: Any, checkpoint_dir: str) -> tuple[Renderer, str]:
 
 
 def _checkpoint_encoder(path: str) -> Renderer:
+    """The checkpoint's ``encode_messages``; :class:`CalibrationDataError` naming ``path`` if it cannot serve."""
     spec = importlib.util.spec_from_file_location("nvfp4kit_dsv4_encoding", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # the checkpoint's own prompt code, as its model card instructs
-    encode = module.encode_messages
+    try:
+        spec.loader.exec_module(module)  # the checkpoint's own prompt code, as its model card instructs
+    except Exception as e:  # its own bug or a missing import: the user must see which file, not a traceback
+        raise CalibrationDataError(f"{path}: the checkpoint's chat encoder fails to load "
+                                   f"({type(e).__name__}: {e})") from None
+    encode = getattr(module, "encode_messages", None)
+    if not callable(encode):
+        raise CalibrationDataError(f"{path} has no function encode_messages(messages), which renders the calibration "
+                                   "chats: restore the file from the model's repository, or remove it to use "
+                                   "DeepSeek's plain chat format")
     # The real encoder takes a thinking mode; calibration text is plain chat.
     kwargs = {"thinking_mode": "chat"} if "thinking_mode" in inspect.signature(encode).parameters else {}
     return lambda messages: encode(messages, **kwargs)

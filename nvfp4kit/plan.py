@@ -21,7 +21,7 @@ from .decode import FORMS, MXFP4, SOURCE_FORMAT_ERRORS, decoded_shape, form_of, 
 from .layouts import Layout, LayoutError, check_engine, mxfp4_specs, quantization_config, writes_mxfp4
 from .nvfp4 import NVFP4FormatError, check_quantizable
 from .rules import (Action, Overrides, RuleError, decide, fused_group, joint_scale_group, module_name,
-                    structure_problems)
+                    is_v4, structure_problems, unknown_tensor_problems)
 from .safetensors_io import TensorSpec
 from .errors import KitError
 
@@ -181,6 +181,8 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     # (a tensor in a missing or unreadable shard still counts as present, with its shape unknown)
     problems += structure_problems(ckpt.config, {**dict.fromkeys(ckpt.unavailable, ()),
                                                  **{n: t.shape for n, t in ckpt.tensors.items()}})
+    if is_v4(ckpt.config):  # (another model, or no config: that one line says it all)
+        problems += unknown_tensor_problems(ckpt.tensors)
     if options.scale_policy not in SCALE_POLICIES:
         problems.append(f"--scale-policy must be one of {SCALE_POLICIES}, got {options.scale_policy!r}")
     try:
@@ -276,13 +278,23 @@ def _units(ckpt: Checkpoint, pairs: dict[str, str], actions: dict[str, str], lay
         outputs = [spec for m in members
                    for spec in layout.nvfp4_specs(m, *decoded_shape(t[m + ".weight"].dtype, t[m + ".weight"].shape))]
         units.append(Unit("nvfp4", members, sources, outputs, sum(t[n].nbytes for n in sources)))
-    # Source order (shard, offset) keeps reads nearly sequential; the tuple makes the order total.
-    units.sort(key=lambda u: (_shard_order(ckpt, u.sources[0]), t[u.sources[0]].begin, u.modules[0]))
+    units.sort(key=lambda u: canonical_order(u.modules[0]))
     return units
 
 
-def _shard_order(ckpt: Checkpoint, tensor: str) -> int:
-    return ckpt.shards.index(ckpt.shard_of(tensor))
+def canonical_order(name: str) -> tuple:
+    """Output order of a module: by block (embedding, layers 0..N-1, MTP blocks, the rest), then by name with its
+    numbers compared as numbers. It depends on names alone, never on how the source is sharded: the FP8 repack and
+    the original release of one model (sharded differently, tensors in a different order inside each shard) give
+    the same output shards. Sources are sharded by layer, so reads stay within a few shards at a time."""
+    parts = tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    if name.startswith("embed"):
+        return (0, 0, parts)
+    if m := re.match(r"^layers\.(\d+)\.", name):
+        return (1, int(m.group(1)), parts)
+    if m := re.match(r"^mtp\.(\d+)\.", name):
+        return (2, int(m.group(1)), parts)
+    return (3, 0, parts)
 
 
 def _pack_shards(units: list[Unit], max_shard_size: int) -> list[ShardPlan]:

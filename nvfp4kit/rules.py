@@ -57,7 +57,7 @@ RULES: tuple[Rule, ...] = (
     _rule("embedding", r"embed|emb\.tok_emb", False, True, "vLLM builds the embedding unquantized"),
     _rule("head", r"head", False, True, "the LM head stays BF16 (vLLM's V4 head takes no quant config)"),
 )
-UNKNOWN = Rule("other", re.compile(".*"), False, True, "not a known V4 tensor: copied as is")
+UNKNOWN = Rule("other", re.compile(".*"), False, True, "not a known V4 tensor: refused (unknown_tensor_problems)")
 
 # Groups that vLLM fuses into one GEMM; their members must share one action and one NVFP4 global scale.
 FUSED_GROUPS = (
@@ -159,6 +159,10 @@ _MTP = re.compile(r"^mtp\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.w([123])\.weight$")
 
 
+def is_v4(config: dict) -> bool:
+    return isinstance(config.get("architectures"), list) and any(a in ARCHITECTURES for a in config["architectures"])
+
+
 def structure_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Where config.json and the tensors (name -> header shape) disagree on what model this is: an architecture
     that is not V4, layers or MTP blocks missing or past the config's count, experts past ``n_routed_experts``,
@@ -170,7 +174,7 @@ def structure_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list
     if not config:
         return []  # config.json itself is the problem, reported by the checkpoint
     archs = config.get("architectures") or []
-    if not any(a in ARCHITECTURES for a in archs):
+    if not is_v4(config):
         return [f"config.json: architectures {archs} is not DeepSeek V4 ({', '.join(ARCHITECTURES)}): the kit has "
                 "no rules for this model and refuses rather than copy it unconverted"]
     missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), int)]
@@ -212,3 +216,15 @@ def _count_problem(what: str, found: set[int], n: int, key: str) -> str:
     detail = (f"{len(past)} past it (from {past[0]})" if past else "") + (", " if past and gaps else "") + \
         (f"{len(gaps)} missing (from {gaps[0]})" if gaps else "")
     return f"config.json says {key}={n}, but the tensors hold {what} {held}: {detail}"
+
+
+def unknown_tensor_problems(names) -> list[str]:
+    """Tensors no rule knows, one line per pattern: refused rather than copied into a checkpoint an engine might
+    misread (a newer revision's draft blocks, another model's names)."""
+    by_pattern: dict[str, list[str]] = {}
+    for name in sorted(names):
+        if rule_for(module_name(name)) is UNKNOWN:
+            by_pattern.setdefault(collapse(name), []).append(name)
+    return [f"{pattern}: no rule of the DeepSeek V4 family knows this tensor ({len(found)} like {found[0]}); the kit "
+            "refuses rather than copy it unconverted into a checkpoint an engine may misread"
+            for pattern, found in by_pattern.items()]

@@ -625,6 +625,22 @@ def transposed_weight(src: str) -> None:
                 lambda h: h["layers.0.ffn.experts.0.w1.weight"].update(shape=[448, 128]))
 
 
+def dspark_draft_block(src: str) -> None:
+    """Tensors of a newer V4 revision's draft block (DSpark): no rule knows them, so they must not be copied."""
+    def add(t):
+        t["mtp.0.main_proj.weight"] = torch.zeros(448, 1344, dtype=torch.uint8).view(torch.float8_e4m3fn)
+        t["mtp.0.main_proj.scale"] = torch.full((4, 11), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+        t["mtp.0.main_norm.weight"] = torch.ones(448, dtype=torch.bfloat16)
+
+    rewrite_shard(src, "embed.weight", add)
+    index = json.load(open(os.path.join(src, INDEX_NAME)))
+    shard = index["weight_map"]["embed.weight"]
+    index["weight_map"].update({n: shard for n in ("mtp.0.main_proj.weight", "mtp.0.main_proj.scale",
+                                                    "mtp.0.main_norm.weight")})
+    json.dump(index, open(os.path.join(src, INDEX_NAME), "w"))
+    _fix_total_size(src)
+
+
 # Inputs that disagree with their own config.json: refused by inspect and by the converter alike.
 CONFIG_CASES = {
     "config missing": (no_config, "config.json is missing"),
@@ -637,6 +653,8 @@ CONFIG_CASES = {
                              "is not DeepSeek V4"),
     "hidden size changed": (edit_config(lambda c: c.update(hidden_size=512)),
                             "embed.weight: shape [1024, 448], but config.json says vocab_size=1024, hidden_size=512"),
+    "draft block of a newer revision": (dspark_draft_block, "mtp.{M}.main_proj.weight: no rule of the DeepSeek V4 "
+                                                            "family knows this tensor"),
     "transposed weight": (transposed_weight, "layers.0.ffn.experts.0.w1.weight: scale shape [1, 4] does not fit "
                                              "weight shape [448, 128] in the configured 128x128 blocks"),
 }

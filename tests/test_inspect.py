@@ -274,7 +274,7 @@ def break_scale_without_weight(root):
 def break_scale_shape(root):
     name = "layers.2.attn.wq_b.scale"
 
-    def grow(t):  # one extra row of scales: [16, 2] for [2048, 256] fits no power-of-two block
+    def grow(t):  # one extra row of scales: [17, 2] for [2048, 256] fits neither the configured block nor any other
         raw = t[name].view(torch.uint8)
         t[name] = torch.cat([raw, raw[:1]]).view(t[name].dtype)
 
@@ -282,7 +282,7 @@ def break_scale_shape(root):
     index = load_index(root)
     index["metadata"]["total_size"] = open_checkpoint(root).total_bytes
     save_index(root, index)
-    return ["layers.2.attn.wq_b", "fits no block size"]
+    return ["layers.2.attn.wq_b", "does not fit weight shape [2048, 256] in the configured 128x128 blocks"]
 
 
 def break_shard_missing(root):

@@ -1,8 +1,8 @@
 """Path B (quantize_llmcompressor.py) end to end on the tiny synthetic checkpoint, on CPU.
 
-One llm-compressor run (4 samples of at most 16 tokens) is shared by the module; Path A runs twice next to it
-(weight-only, and W4A4 with Path B's exported activation scales) so that the two paths can be compared tensor by
-tensor.
+One llm-compressor run (4 samples of at most 16 tokens, output in 4 shards) is shared by the module; Path A runs
+twice next to it (weight-only, and W4A4 with Path B's exported activation scales) so that the two paths can be
+compared tensor by tensor. A second Path B run, killed in its output writing and rerun, must give the same bytes.
 """
 
 from __future__ import annotations
@@ -10,20 +10,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from nvfp4kit import calibrate
 from nvfp4kit.calibrate import (
     CalibrationSettings,
     PathBError,
     cast_fp32_norms,
     collect_activation_amax,
+    cpu_budget_gb,
     layer_memory_estimate,
     quantize_with_llmcompressor,
     stage_bf16_checkpoint,
 )
-from nvfp4kit.calibration_data import deepseek_plain_format, load_rows, tokenized_dataset
+from nvfp4kit.calibration_data import CalibrationDataError, chat_renderer, deepseek_plain_format, load_rows, tokenized_dataset
+from nvfp4kit.checkpoint import INDEX_NAME
+from nvfp4kit.convert import STATE_DIR
+from nvfp4kit.manifest import read_manifest
 from nvfp4kit.checkpoint import open_checkpoint
 from nvfp4kit.convert import Settings, convert
 from nvfp4kit.nvfp4 import GLOBAL_SCALE_DIVISOR
@@ -32,6 +42,8 @@ from nvfp4kit.rules import Action, is_mtp
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
 
 NVFP4 = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONS = Options(max_shard_size=8_000_000)  # the tiny output in 4 shards: a kill can fall between two of them
 
 
 def write_jsonl(path: str, rows: int = 8) -> str:
@@ -56,13 +68,17 @@ def runs(tiny_src, tmp_path_factory) -> dict:
     data = write_jsonl(str(root / "calib.jsonl"))
     act = str(root / "act.json")
     dst_b = str(root / "b")
-    settings = CalibrationSettings(dataset=data, num_samples=4, max_seq_len=16, offload_dir=str(root / "work"),
-                                   export_activation_scales=act)
-    report = quantize_with_llmcompressor(tiny_src, dst_b, Options(), settings)
+    report = quantize_with_llmcompressor(tiny_src, dst_b, OPTIONS, small_run(data, str(root / "work"), act))
     convert(tiny_src, str(root / "a16"), Options(), Settings())
     convert(tiny_src, str(root / "a4"), Options(), Settings(), activation_scales=act)
-    return {"b": dst_b, "a16": str(root / "a16"), "a4": str(root / "a4"), "act": act, "report": report,
+    return {"b": dst_b, "a16": str(root / "a16"), "a4": str(root / "a4"), "act": act, "report": report, "data": data,
             "work": str(root / "work"), "plan": build_plan(open_checkpoint(tiny_src), Options())}
+
+
+def small_run(data: str, work: str, act: str | None = None) -> CalibrationSettings:
+    """The settings of every Path B run here (the kill test's driver builds the same)."""
+    return CalibrationSettings(dataset=data, num_samples=4, max_seq_len=16, offload_dir=work,
+                               export_activation_scales=act)
 
 
 def quantized_modules(plan) -> list[str]:
@@ -138,8 +154,108 @@ def test_exported_scales_give_path_a_w4a4(runs):
 
 def test_refuses_a_non_empty_destination(runs, tiny_src):
     settings = CalibrationSettings(dataset="unused")
-    with pytest.raises(PathBError, match="--overwrite"):
-        quantize_with_llmcompressor(tiny_src, runs["b"], Options(), settings)
+    with pytest.raises(PathBError, match="other settings .*--overwrite"):
+        quantize_with_llmcompressor(tiny_src, runs["b"], OPTIONS, settings)
+
+
+# --- resume: killed in the output writing, rerun with the same command -----------------------------------------------
+KILLED_RUN = """
+import os, signal, sys
+from nvfp4kit import calibrate
+sys.path.insert(0, "tests")
+from test_path_b import OPTIONS, small_run
+
+write_shard_tensors, calls = calibrate._shard_tensors, []
+
+def killed_in_second_shard(*args, **kwargs):  # one tensor of the second output shard written, then a power cut
+    calls.append(1)
+    tensors = write_shard_tensors(*args, **kwargs)
+    if len(calls) == 2:
+        yield next(tensors)
+        os.kill(os.getpid(), signal.SIGKILL)
+    yield from tensors
+
+calibrate._shard_tensors = killed_in_second_shard
+src, dst, data, work = sys.argv[1:]
+calibrate.quantize_with_llmcompressor(src, dst, OPTIONS, small_run(data, work))
+"""
+
+
+def test_killed_while_writing_resumes_to_the_same_bytes(runs, tiny_src, tmp_path, caplog):
+    dst, work = str(tmp_path / "b"), str(tmp_path / "work")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, tiny_src, dst, runs["data"], work], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]  # the kill point was reached
+    shards = sorted(n for n in os.listdir(runs["b"]) if n.endswith(".safetensors"))
+    assert len(shards) == 4
+    assert os.path.exists(os.path.join(dst, f".{shards[1]}.partial")) and not os.path.exists(os.path.join(dst, INDEX_NAME))
+    assert list(read_manifest(os.path.join(dst, STATE_DIR))) == [shards[0]] and shards[1] not in os.listdir(dst)
+    first = os.stat(os.path.join(dst, shards[0])).st_mtime_ns
+
+    caplog.set_level("INFO", logger="nvfp4kit.calibrate")
+    quantize_with_llmcompressor(tiny_src, dst, OPTIONS, small_run(runs["data"], work))  # the same command
+
+    assert "reusing the finished calibration" in caplog.text  # calibration not run again
+    assert os.stat(os.path.join(dst, shards[0])).st_mtime_ns == first  # the recorded shard not written again
+    assert not any(n.endswith(".partial") for n in os.listdir(dst))
+    for name in shards + [INDEX_NAME, "config.json"]:
+        with open(os.path.join(dst, name), "rb") as a, open(os.path.join(runs["b"], name), "rb") as b:
+            assert a.read() == b.read(), f"{name} differs from the uninterrupted run's"
+    assert not os.path.exists(work), "the work folder is removed on success"
+
+
+# --- refusals before any work --------------------------------------------------------------------------------------
+def test_an_encoder_without_encode_messages_is_one_line_naming_it(tiny_src, runs, tmp_path):
+    """The checkpoint's encoding/encoding_dsv4.py lacks encode_messages: exit 2, one line naming the file, no work."""
+    src = str(tmp_path / "src")
+    shutil.copytree(tiny_src, src)
+    encoder = os.path.join(src, "encoding", "encoding_dsv4.py")
+    with open(encoder, "w") as f:
+        f.write("def encode_message(message):\n    return message['content']\n")
+    dst = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, "quantize_llmcompressor.py", "--src", src, "--dst", dst, "--dataset",
+                          runs["data"], "--num-samples", "4", "--max-seq-len", "16"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert "ERROR" in last and encoder in last and "encode_messages" in last, last
+    assert not os.path.exists(dst) and not os.path.exists(dst + ".offload")
+
+
+def test_an_encoder_that_fails_to_load_names_its_file(tmp_path):
+    encoder = tmp_path / "encoding" / "encoding_dsv4.py"
+    encoder.parent.mkdir()
+    encoder.write_text("import a_module_the_kit_does_not_have\n")
+    with pytest.raises(CalibrationDataError, match=re.escape(str(encoder))):
+        chat_renderer(object(), str(tmp_path))
+
+
+def test_activation_cache_beyond_host_memory_is_refused_with_what_fits():
+    """V4 Pro figures: 51.5 GB per layer, a cache of 512 x 4096 tokens on a 128 GB host."""
+    samples, seq = 512, 4096
+    cache = samples * seq * 4 * 7168 * 2 / 1e9
+    estimate = {"layer_gb": 51.5, "activation_cache_gb": cache}
+    with pytest.raises(PathBError) as e:
+        cpu_budget_gb(estimate, 128.0, samples, seq)
+    message = str(e.value)
+    assert f"{cache:.1f} GB" in message and f"{cache + 51.5 + 10:.1f} GB needed" in message and "128.0 GB" in message
+    n = int(re.search(r"--num-samples (\d+) \(", message).group(1))
+    s = int(re.search(r"--max-seq-len (\d+) \(", message).group(1))
+    # What it proposes fits, and one more does not: the figures are the limit, not a guess.
+    assert cpu_budget_gb({**estimate, "activation_cache_gb": cache * n / samples}, 128.0, n, seq) >= 0
+    assert cpu_budget_gb({**estimate, "activation_cache_gb": cache * s / seq}, 128.0, samples, s) >= 0
+    with pytest.raises(PathBError):
+        cpu_budget_gb({**estimate, "activation_cache_gb": cache * (n + 1) / samples}, 128.0, n + 1, seq)
+    assert cpu_budget_gb(estimate, 256.0, samples, seq) == pytest.approx(256.0 - cache - 51.5 - 10)
+
+
+def test_activation_cache_refusal_comes_before_any_work(tiny_src, runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(calibrate, "host_memory_gb", lambda: 10.0)  # less than the headroom alone
+    dst = str(tmp_path / "out")
+    with pytest.raises(PathBError, match="not enough host memory"):
+        quantize_with_llmcompressor(tiny_src, dst, OPTIONS, small_run(runs["data"], str(tmp_path / "work")))
+    assert not os.path.exists(dst) and not os.path.exists(str(tmp_path / "work"))
 
 
 # --- pieces -----------------------------------------------------------------------------------------------------------
