@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Path B: calibrate an FP8 DeepSeek V4 checkpoint to NVFP4 W4A4 with llm-compressor (compressed-tensors, vLLM).
 
-    python quantize_llmcompressor.py --src DeepSeek-V4-Pro-FP8 --dst OUT --num-samples 256 --max-seq-len 4096 \\
-        --offload-dir /nvme/pathb --export-activation-scales act.json 2>&1 | tee path_b.log
+    .venv/bin/python quantize_llmcompressor.py --src DeepSeek-V4-Pro-FP8 --dst OUT --num-samples 256 \\
+        --max-seq-len 4096 --offload-dir /nvme/pathb --export-activation-scales act.json 2>&1 | tee path_b.log
 
-Not resumable mid-calibration (the BF16 staging checkpoint in --offload-dir is reused). docs/path-b.md has the
-stages, disk and memory needs. Feed act.json to fp8_to_nvfp4_streaming.py --activation-scales for a Path A W4A4.
+Needs requirements-pathb.txt (scripts/bootstrap.sh .venv requirements-pathb.txt). Rerun the same command to resume:
+the BF16 staging checkpoint and a finished calibration in --offload-dir are reused, the output's finished shards
+kept; only a calibration cut short starts over. docs/path-b.md has the stages, disk and memory needs. Feed act.json
+to fp8_to_nvfp4_streaming.py --activation-scales for a Path A W4A4.
 """
 
 import argparse
@@ -18,7 +20,8 @@ from nvfp4kit.cli import ArgumentParser, add_plan_flags, options_from_args, run_
 def main() -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="source checkpoint folder (FP8, DeepSeek names)")
-    p.add_argument("--dst", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--dst", required=True,
+                   help="output folder: empty, or this same command's unfinished output (resumed)")
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="local JSONL/Parquet/Arrow file or folder, or a hub dataset name (default: %(default)s)")
     p.add_argument("--split", help="hub split (default: train_sft for ultrachat_200k, else train)")
@@ -29,11 +32,12 @@ def main() -> int:
                                          "llm-compressor's save (default: DST.offload)")
     p.add_argument("--max-cpu-memory", type=float, metavar="GB",
                    help="model share kept in host memory, the rest offloaded to disk (default: physical memory "
-                        "minus the activation cache, one layer and 10 GB)")
+                        "minus the activation cache, one layer and 10 GB; a cache that does not fit is refused)")
     p.add_argument("--keep-offload", action="store_true", help="keep the work folder after success")
     p.add_argument("--export-activation-scales", metavar="FILE",
                    help="write the calibrated per-module input amax for fp8_to_nvfp4_streaming.py --activation-scales")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --dst")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --dst that holds anything but this same command's output")
     add_plan_flags(p)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()

@@ -139,7 +139,8 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
         else:
             _stage("1/5 staging", started)
             staging = stage_bf16_checkpoint(ckpt, os.path.join(work, STAGING), settings.dtype)
-            calibration = calibrate(ckpt, staging, work, weight_only, data, settings, cpu_gb, fingerprint, started)
+            calibration = run_calibration(ckpt, staging, work, weight_only, data, settings, cpu_gb, fingerprint,
+                                          started)
         _stage("4/5 collecting scales", started)
         saved = saved_tensors(os.path.join(work, LLMC_SAVE))
         result = collect_activation_amax(saved, quantized, options.joint_scale)
@@ -167,8 +168,8 @@ def _calibration_data(src: str, settings: CalibrationSettings):
                              settings.max_seq_len, settings.seed, settings.split)
 
 
-def calibrate(ckpt: Checkpoint, staging: str, work: str, weight_only: ConversionPlan, data,
-              settings: CalibrationSettings, cpu_gb: float, fingerprint: dict, started: float) -> dict:
+def run_calibration(ckpt: Checkpoint, staging: str, work: str, weight_only: ConversionPlan, data,
+                    settings: CalibrationSettings, cpu_gb: float, fingerprint: dict, started: float) -> dict:
     """Load, calibrate and save into ``work``; returns the record :data:`CALIBRATION_NAME` holds, written last: a
     rerun reuses a calibration only once it is complete."""
     for stale in (CALIBRATION_NAME, LLMC_SAVE, OFFLOAD):  # a calibration cut short leaves nothing to trust

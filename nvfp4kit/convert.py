@@ -683,6 +683,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
     os.replace(partial, final)
     _fsync_dir(job.dst)
     return {"name": shard.name, "size": size, HASH: h.hexdigest(), "seconds": time.time() - started,
+            "started_at": started,
             "source_bytes": sum(u.source_bytes for u in units), "tensors": stats,
             "busy_seconds": {k: round(v, 3) for k, v in busy.items()},
             "peak_rss_bytes": peak_rss_bytes(),

@@ -20,8 +20,9 @@ from .checkpoint import Checkpoint, configured_block_size, scale_of, weight_of_s
 from .decode import FORMS, MXFP4, SOURCE_FORMAT_ERRORS, decoded_shape, form_of, scale_block
 from .layouts import Layout, LayoutError, check_engine, mxfp4_specs, quantization_config, writes_mxfp4
 from .nvfp4 import NVFP4FormatError, check_quantizable
-from .rules import (Action, Overrides, RuleError, decide, fused_group, joint_scale_group, module_name,
-                    is_v4, structure_problems, unknown_tensor_problems)
+from .families import family_for, structure_problems
+from .rules import (V4_TABLE, Action, Overrides, RuleError, RuleTable, decide, fused_group, joint_scale_group,
+                    module_name, unknown_tensor_problems)
 from .safetensors_io import TensorSpec
 from .errors import KitError
 
@@ -181,8 +182,10 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     # (a tensor in a missing or unreadable shard still counts as present, with its shape unknown)
     problems += structure_problems(ckpt.config, {**dict.fromkeys(ckpt.unavailable, ()),
                                                  **{n: t.shape for n, t in ckpt.tensors.items()}})
-    if is_v4(ckpt.config):  # (another model, or no config: that one line says it all)
-        problems += unknown_tensor_problems(ckpt.tensors)
+    family = family_for(ckpt.config)
+    table = family.table if family is not None else V4_TABLE
+    if family is not None:  # (another model, or no config: that one line says it all)
+        problems += unknown_tensor_problems(ckpt.tensors, table)
     if options.scale_policy not in SCALE_POLICIES:
         problems.append(f"--scale-policy must be one of {SCALE_POLICIES}, got {options.scale_policy!r}")
     try:
@@ -198,7 +201,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
             module = module_name(name)
             info = ckpt.tensors[name]
             try:
-                action = decide(module, True, options.overrides)
+                action = decide(module, True, options.overrides, table)
                 if action is Action.QUANTIZE:
                     check_quantizable(decoded_shape(info.dtype, info.shape), name)
             except (RuleError, NVFP4FormatError) as e:
@@ -212,7 +215,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
             actions[module] = action.value
         elif name not in scales:
             actions[name] = Action.KEEP.value
-    problems += _fused_group_problems(actions)
+    problems += _fused_group_problems(actions, table)
     kept_blocks = {blocks[m + ".weight"] for m, a in actions.items() if a == Action.KEEP_FP8.value and m + ".weight" in blocks}
     if len(kept_blocks) > 1:  # the output config describes the kept FP8 linears with one block structure
         problems.append(f"kept FP8 weights use different block sizes {sorted(kept_blocks)}; the output config holds one")
@@ -230,7 +233,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
         listed = problems[0] if len(problems) == 1 else "\n  - " + "\n  - ".join(problems)
         raise PlanError(f"{ckpt.root}: cannot convert: {listed}", problems)
 
-    units = _units(ckpt, pairs, actions, layout, options)
+    units = _units(ckpt, pairs, actions, layout, options, table)
     shards = _pack_shards(units, options.max_shard_size)
     quantized = sorted(m for m, a in actions.items() if a == Action.QUANTIZE.value)
     kept_fp8 = sorted(m for m, a in actions.items() if a == Action.KEEP_FP8.value)
@@ -240,10 +243,10 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     return ConversionPlan(ckpt.root, options, units, shards, actions, blocks, qcfg, hf_qcfg, amax)
 
 
-def _fused_group_problems(actions: dict[str, str]) -> list[str]:
+def _fused_group_problems(actions: dict[str, str], table: RuleTable = V4_TABLE) -> list[str]:
     by_group: dict[str, dict[str, str]] = {}
     for module, action in actions.items():
-        group = fused_group(module)
+        group = fused_group(module, table)
         if group:
             by_group.setdefault(group, {})[module] = action
     return [
@@ -253,7 +256,8 @@ def _fused_group_problems(actions: dict[str, str]) -> list[str]:
     ]
 
 
-def _units(ckpt: Checkpoint, pairs: dict[str, str], actions: dict[str, str], layout: Layout, options: Options) -> list[Unit]:
+def _units(ckpt: Checkpoint, pairs: dict[str, str], actions: dict[str, str], layout: Layout, options: Options,
+           table: RuleTable = V4_TABLE) -> list[Unit]:
     t = ckpt.tensors
     groups: dict[str, list[str]] = {}
     units: list[Unit] = []
@@ -264,7 +268,7 @@ def _units(ckpt: Checkpoint, pairs: dict[str, str], actions: dict[str, str], lay
             specs = mxfp4_specs(module, *decoded_shape(t[w].dtype, t[w].shape))
             units.append(Unit("mxfp4", [module], sources, specs, sum(t[n].nbytes for n in sources)))
         elif action == Action.QUANTIZE.value:
-            groups.setdefault(joint_scale_group(module, options.joint_scale), []).append(module)
+            groups.setdefault(joint_scale_group(module, options.joint_scale, table), []).append(module)
         elif action == Action.KEEP_FP8.value:
             w, s = module + ".weight", pairs[module + ".weight"]
             ws, ss = (TensorSpec(n, t[n].dtype, t[n].shape) for n in (w, s))

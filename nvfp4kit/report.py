@@ -23,14 +23,13 @@ from typing import TextIO
 from .checkpoint import INDEX_NAME, Checkpoint, CheckpointError, configured_block_size, open_checkpoint
 from .decode import FORM_TEXT, FP8, MXFP4, form_of
 from .plan import ConversionPlan, Options, PlanError, build_plan, fp8_pairs, source_fingerprint
-from .rules import RULES, UNKNOWN, RuleError, collapse, decide, is_mtp, module_name, rule_for
-
-# Report order of the categories: the rule table's order, then anything unknown.
-CATEGORIES = tuple(dict.fromkeys(r.category for r in RULES + (UNKNOWN,)))
+from .families import Family, family_for
+from .families.v4 import V4
+from .rules import RuleError, RuleTable, collapse, decide, module_name, rule_for
 SCALE_FORMS = {"F8_E8M0": "UE8M0", "F32": "F32 multiplier"}
 INDEX_TOKENS = ("L", "E", "M")  # the placeholders rules.collapse writes: layer, expert, MTP block
 # One routed expert, the shared experts or the router of one layer (for the instance counts).
-_INSTANCE = re.compile(r"^(.*?\.(?:experts\.\d+|shared_experts|ffn\.gate))(?:\.|$)")
+_INSTANCE = re.compile(r"^(.*?\.(?:experts\.\d+|shared_experts|ffn\.gate|mlp\.gate))(?:\.|$)")
 EXIT_OK, EXIT_PROBLEMS = 0, 2
 SOURCE_FORM_TEXT = {
     FP8: "FP8: every scaled linear F8_E4M3 with a block scale (the FP8 repack's form)",
@@ -76,6 +75,9 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
     """Everything the report says, as plain JSON types. ``convertible`` is False when any problem blocks Path A.
 
     ``activation_amax``: the converter's ``--activation-scales``, when the report previews a W4A4 run."""
+    family = family_for(ckpt.config) or V4  # (another model is refused by the plan; its names read as V4's)
+    table = family.table
+    order = categories_of(table)
     pairs, blocks, _ = fp8_pairs(ckpt)
     forms = {w: form_of(ckpt.tensors[w].dtype) for w in pairs}  # FP8 or MXFP4 (the original release's experts)
     plan, problems = _try_plan(ckpt, options, activation_amax)
@@ -83,21 +85,21 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
     scales = set(pairs.values())
     rows: dict[str, _PatternRow] = {}
     row_of: dict[str, _PatternRow] = {}  # tensor name -> its row (the output attribution reuses it)
-    categories: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
+    categories: dict[str, Counter] = {c: Counter() for c in order}
     instances: dict[str, set[str]] = {"routed_expert": set(), "shared_expert": set(), "router": set()}
     for name, info in ckpt.tensors.items():
         module = module_name(name)
-        category = rule_for(module).category
+        category = rule_for(module, table).category
         cat = categories[category]
         cat["tensors"] += 1
         cat["source_bytes"] += info.nbytes
-        cat["mtp_tensors"] += is_mtp(name)
+        cat["mtp_tensors"] += _is_mtp(family, ckpt, name)
         instance = _INSTANCE.match(name)
         if category in instances and instance:
             instances[category].add(instance.group(1))
         if name in scales:
             continue  # accounted for in its weight's row
-        pattern = collapse(name)
+        pattern = collapse(name, table)
         row = rows.get(pattern) or rows.setdefault(pattern, _PatternRow(pattern, category))
         row_of[name] = row
         row.count += 1
@@ -112,19 +114,20 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
             row.source_bytes += ckpt.tensors[scale].nbytes
             if name in blocks:
                 row.blocks[blocks[name]] += 1
-        row.actions[_action(module if scale else name, scale is not None, options)] += 1
+        row.actions[_action(module if scale else name, scale is not None, options, table)] += 1
     if plan is not None:
         _add_output_bytes(plan, row_of, categories)
-    ordered = sorted(rows.values(), key=lambda r: (CATEGORIES.index(r.category), r.pattern))
+    ordered = sorted(rows.values(), key=lambda r: (order.index(r.category), r.pattern))
     return {
         "source": {**_source_facts(ckpt), "form": MXFP4 if MXFP4 in forms.values() else FP8},
         "patterns": [r.as_json() for r in ordered],
         "categories": {c: dict(n) for c, n in categories.items() if n["tensors"]},
-        "counts": _counts(ckpt, instances),
+        "family": family.name,
+        "counts": _counts(ckpt, instances, family),
         "fp8": _form_facts(ckpt, pairs, blocks, forms, FP8),
         "mxfp4": _form_facts(ckpt, pairs, blocks, forms, MXFP4),
-        "plan": _plan_facts(plan, options),
-        "notes": _notes(ckpt, instances),
+        "plan": _plan_facts(plan, options, table),
+        "notes": _notes(ckpt, instances, family),
         "problems": problems,
         "convertible": not problems,
     }
@@ -155,10 +158,25 @@ def _try_plan(
         return None, e.problems
 
 
-def _action(module: str, is_fp8_with_scale: bool, options: Options) -> str:
+def categories_of(table: RuleTable) -> tuple[str, ...]:
+    """Report order of the categories: the rule table's order, then anything unknown."""
+    return tuple(dict.fromkeys(r.category for r in table.rules + (table.unknown,)))
+
+
+def _is_mtp(family: Family, ckpt: Checkpoint, name: str) -> bool:
+    n = ckpt.config.get("num_hidden_layers")
+    return family.is_mtp(name, n if isinstance(n, int) else 1 << 30)
+
+
+def _layers(family: Family, ckpt: Checkpoint) -> set[int]:
+    """Decoder layers the tensors hold (V3's MTP layer, numbered after them, is not one)."""
+    return {int(m.group(1)) for n in ckpt.tensors if (m := family.layer.match(n)) and not _is_mtp(family, ckpt, n)}
+
+
+def _action(module: str, is_fp8_with_scale: bool, options: Options, table: RuleTable) -> str:
     """The rule table's verdict (the converter's own ``decide``); a refused override shows as ``refused``."""
     try:
-        return decide(module, is_fp8_with_scale, options.overrides).value
+        return decide(module, is_fp8_with_scale, options.overrides, table).value
     except RuleError:
         return "refused"
 
@@ -207,10 +225,10 @@ def _source_facts(ckpt: Checkpoint) -> dict:
     }
 
 
-def _counts(ckpt: Checkpoint, instances: dict[str, set[str]]) -> dict:
+def _counts(ckpt: Checkpoint, instances: dict[str, set[str]], family: Family) -> dict:
     per_layer = Counter(e.rsplit(".experts.", 1)[0] for e in instances["routed_expert"])
-    layers = {int(n.split(".")[1]) for n in ckpt.tensors if n.startswith("layers.")}
-    mtp = {int(n.split(".")[1]) for n in ckpt.tensors if is_mtp(n)}
+    layers = _layers(family, ckpt)
+    mtp = {(family.mtp or family.layer).match(n).group(1) for n in ckpt.tensors if _is_mtp(family, ckpt, n)}
     return {
         "decoder_layers": len(layers),
         "mtp_blocks": len(mtp),
@@ -218,15 +236,15 @@ def _counts(ckpt: Checkpoint, instances: dict[str, set[str]]) -> dict:
         "routed_experts_per_layer": sorted(set(per_layer.values())),
         "shared_experts": len(instances["shared_expert"]),
         "routers": len(instances["router"]),
-        "mtp_tensors": sum(is_mtp(n) for n in ckpt.tensors),
+        "mtp_tensors": sum(_is_mtp(family, ckpt, n) for n in ckpt.tensors),
     }
 
 
-def _notes(ckpt: Checkpoint, instances: dict[str, set[str]]) -> list[str]:
+def _notes(ckpt: Checkpoint, instances: dict[str, set[str]], family: Family) -> list[str]:
     """Disagreements with config.json that do not stop a conversion but deserve a look."""
     notes = []
     cfg = ckpt.config
-    layers = {int(n.split(".")[1]) for n in ckpt.tensors if n.startswith("layers.")}
+    layers = _layers(family, ckpt)
     if "num_hidden_layers" in cfg and layers != set(range(cfg["num_hidden_layers"])):
         notes.append(f"config.json has num_hidden_layers {cfg['num_hidden_layers']}, the tensors cover layers "
                      f"{format_indices(layers) or 'none'}")
@@ -239,7 +257,7 @@ def _notes(ckpt: Checkpoint, instances: dict[str, set[str]]) -> list[str]:
     return notes
 
 
-def _plan_facts(plan: ConversionPlan | None, options: Options) -> dict:
+def _plan_facts(plan: ConversionPlan | None, options: Options, table: RuleTable) -> dict:
     facts: dict = {"options": options.as_json(), "built": plan is not None}
     if plan is None:
         return facts
@@ -248,7 +266,7 @@ def _plan_facts(plan: ConversionPlan | None, options: Options) -> dict:
     for unit in plan.units:
         by_kind[unit.kind] += sum(s.nbytes for s in unit.outputs)
         if unit.kind == "nvfp4":
-            groups[tuple(collapse(m) for m in unit.modules)] += 1
+            groups[tuple(collapse(m, table) for m in unit.modules)] += 1
     facts.update({
         "output_bytes": plan.output_bytes,
         "output_bytes_by_kind": dict(by_kind),

@@ -1,4 +1,5 @@
-"""The rule table: what each DeepSeek V4 tensor is and what Path A does with it.
+"""The rule table: what each DeepSeek V4 tensor is and what Path A does with it, and the rule machinery every
+model family shares (:class:`RuleTable`; :mod:`nvfp4kit.families` holds one per family, V4's being this one).
 
 One table serves ``inspect_model.py`` (to report), the converter (to plan) and Path B (its ignore list).
 Names are DeepSeek's own (``layers.N.attn.wq_a.weight``, ``mtp.0.ffn.experts.E.w1.weight``); the MTP block
@@ -66,7 +67,35 @@ FUSED_GROUPS = (
     (re.compile(r"^(.*\.attn)\.(wq_a|wkv)$"), "fused_wqa_wkv"),
 )
 JOINT_SCALE_CHOICES = ("gate-up", "gate-up-down")
-_DOWN = re.compile(r"^(.*\.(?:experts\.\d+|shared_experts))\.w2$")
+
+
+@dataclass(frozen=True)
+class RuleTable:
+    """One model family's rules: what each tensor is (first match wins), what vLLM fuses, how names collapse.
+
+    ``down``: an expert's down projection, group 1 its owner (``--joint-scale gate-up-down`` joins it to the
+    owner's gate/up group, keyed ``<owner>.<down_tag>``). ``collapse``: (pattern, replacement) pairs applied in
+    order, writing the index placeholders ``{L}``, ``{E}``, ``{M}`` (layer, expert, MTP block)."""
+
+    family: str  # as messages name it: "DeepSeek V4"
+    rules: tuple[Rule, ...]
+    unknown: Rule
+    fused_groups: tuple[tuple[re.Pattern[str], str], ...]
+    down: re.Pattern[str]
+    down_tag: str
+    collapse: tuple[tuple[re.Pattern[str], str], ...]
+
+
+V4_TABLE = RuleTable(
+    family="DeepSeek V4",
+    rules=RULES,
+    unknown=UNKNOWN,
+    fused_groups=FUSED_GROUPS,
+    down=re.compile(r"^(.*\.(?:experts\.\d+|shared_experts))\.w2$"),
+    down_tag="w13",
+    collapse=((re.compile(r"^layers\.\d+\."), "layers.{L}."), (re.compile(r"^mtp\.\d+\."), "mtp.{M}."),
+              (re.compile(r"\.experts\.\d+\."), ".experts.{E}.")),
+)
 
 
 def module_name(tensor_name: str) -> str:
@@ -77,39 +106,39 @@ def module_name(tensor_name: str) -> str:
     return tensor_name
 
 
-def rule_for(module: str) -> Rule:
-    for rule in RULES:
+def rule_for(module: str, table: RuleTable = V4_TABLE) -> Rule:
+    for rule in table.rules:
         if rule.pattern.match(module):
             return rule
-    return UNKNOWN
+    return table.unknown
 
 
 def is_mtp(name: str) -> bool:
     return name.startswith("mtp.")
 
 
-def fused_group(module: str) -> str | None:
+def fused_group(module: str, table: RuleTable = V4_TABLE) -> str | None:
     """Key shared by the modules vLLM fuses with ``module`` (None if it is fused with nothing)."""
-    for pattern, tag in FUSED_GROUPS:
+    for pattern, tag in table.fused_groups:
         m = pattern.match(module)
         if m:
             return f"{m.group(1)}.{tag}"
     return None
 
 
-def joint_scale_group(module: str, joint_scale: str = "gate-up") -> str:
+def joint_scale_group(module: str, joint_scale: str = "gate-up", table: RuleTable = V4_TABLE) -> str:
     """Key of the modules that share one NVFP4 global scale with ``module``.
 
-    ``gate-up``: the groups vLLM fuses (expert and shared-expert w1+w3, attention wq_a+wkv).
-    ``gate-up-down``: experts' w2 joins its w1+w3 too.
+    ``gate-up``: the groups vLLM fuses (V4: expert and shared-expert w1+w3, attention wq_a+wkv).
+    ``gate-up-down``: experts' down projection (V4 w2) joins its gate/up group too.
     """
     if joint_scale not in JOINT_SCALE_CHOICES:
         raise ValueError(f"--joint-scale must be one of {JOINT_SCALE_CHOICES}, got {joint_scale!r}")
     if joint_scale == "gate-up-down":
-        m = _DOWN.match(module)
+        m = table.down.match(module)
         if m:
-            return f"{m.group(1)}.w13"
-    return fused_group(module) or module
+            return f"{m.group(1)}.{table.down_tag}"
+    return fused_group(module, table) or module
 
 
 @dataclass(frozen=True)
@@ -127,9 +156,10 @@ class RuleError(KitError, ValueError):
     """An override that would produce a checkpoint vLLM cannot load."""
 
 
-def decide(module: str, is_fp8_with_scale: bool, overrides: Overrides = Overrides()) -> Action:
+def decide(module: str, is_fp8_with_scale: bool, overrides: Overrides = Overrides(),
+           table: RuleTable = V4_TABLE) -> Action:
     """The action for one module. ``--keep`` beats ``--quantize``; must-keep modules refuse ``--quantize``."""
-    rule = rule_for(module)
+    rule = rule_for(module, table)
     if not is_fp8_with_scale:
         return Action.KEEP
     wants = rule.quantize_by_default
@@ -142,89 +172,20 @@ def decide(module: str, is_fp8_with_scale: bool, overrides: Overrides = Override
     return Action.QUANTIZE if wants else Action.KEEP_FP8
 
 
-def collapse(name: str) -> str:
+def collapse(name: str, table: RuleTable = V4_TABLE) -> str:
     """Pattern of a name with layer and expert indices collapsed: ``layers.{L}.ffn.experts.{E}.w1.weight``."""
-    name = re.sub(r"^layers\.\d+\.", "layers.{L}.", name)
-    name = re.sub(r"^mtp\.\d+\.", "mtp.{M}.", name)
-    return re.sub(r"\.experts\.\d+\.", ".experts.{E}.", name)
+    for pattern, replacement in table.collapse:
+        name = pattern.sub(replacement, name)
+    return name
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The model the tensors must describe: config.json against the headers
-# ---------------------------------------------------------------------------------------------------------------
-ARCHITECTURES = ("DeepseekV4ForCausalLM",)
-CONFIG_KEYS = ("num_hidden_layers", "hidden_size", "n_routed_experts", "moe_intermediate_size", "vocab_size")
-_LAYER = re.compile(r"^layers\.(\d+)\.")
-_MTP = re.compile(r"^mtp\.(\d+)\.")
-_EXPERT = re.compile(r"\.experts\.(\d+)\.w([123])\.weight$")
-
-
-def is_v4(config: dict) -> bool:
-    return isinstance(config.get("architectures"), list) and any(a in ARCHITECTURES for a in config["architectures"])
-
-
-def structure_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Where config.json and the tensors (name -> header shape) disagree on what model this is: an architecture
-    that is not V4, layers or MTP blocks missing or past the config's count, experts past ``n_routed_experts``,
-    expert or embedding widths other than the config's. Each problem once per cause (the first tensor at fault).
-
-    Rows of a routed expert's weight are compared (the same in every source form); an expert's input width is
-    the scale's business (:mod:`nvfp4kit.decode`).
-    """
-    if not config:
-        return []  # config.json itself is the problem, reported by the checkpoint
-    archs = config.get("architectures") or []
-    if not is_v4(config):
-        return [f"config.json: architectures {archs} is not DeepSeek V4 ({', '.join(ARCHITECTURES)}): the kit has "
-                "no rules for this model and refuses rather than copy it unconverted"]
-    missing = [k for k in CONFIG_KEYS if not isinstance(config.get(k), int)]
-    if missing:
-        return [f"config.json lacks the integer field(s) {', '.join(missing)}"]
-    problems = []
-    layers = {int(m.group(1)) for n in shapes if (m := _LAYER.match(n))}
-    n = config["num_hidden_layers"]
-    if layers != set(range(n)):
-        problems.append(_count_problem("layers", layers, n, "num_hidden_layers"))
-    mtp = {int(m.group(1)) for n_ in shapes if (m := _MTP.match(n_))}
-    n_mtp = config.get("num_nextn_predict_layers", len(mtp))
-    if isinstance(n_mtp, int) and mtp - set(range(n_mtp)):
-        problems.append(_count_problem("MTP blocks", mtp, n_mtp, "num_nextn_predict_layers"))
-    want = {"1": config["moe_intermediate_size"], "3": config["moe_intermediate_size"], "2": config["hidden_size"]}
-    first_past, first_width = None, None
-    for name, shape in sorted(shapes.items()):
-        m = _EXPERT.search(name)
-        if m is None:
-            continue
-        if int(m.group(1)) >= config["n_routed_experts"] and first_past is None:
-            first_past = f"{name}: expert {m.group(1)} lies past n_routed_experts={config['n_routed_experts']}"
-        if shape and shape[0] != want[m.group(2)] and first_width is None:
-            key = "hidden_size" if m.group(2) == "2" else "moe_intermediate_size"
-            first_width = f"{name}: shape {list(shape)} has {shape[0]} rows, but config.json says {key}={want[m.group(2)]}"
-    problems += [p for p in (first_past, first_width) if p]
-    for name in ("embed.weight", "head.weight"):
-        shape = shapes.get(name)
-        if shape and list(shape) != [config["vocab_size"], config["hidden_size"]]:
-            problems.append(f"{name}: shape {list(shape)}, but config.json says vocab_size={config['vocab_size']}, "
-                            f"hidden_size={config['hidden_size']}")
-    return problems
-
-
-def _count_problem(what: str, found: set[int], n: int, key: str) -> str:
-    held = f"{min(found)}-{max(found)}" if found else "none"
-    past = sorted(i for i in found if i >= n)
-    gaps = sorted(set(range(n)) - found)
-    detail = (f"{len(past)} past it (from {past[0]})" if past else "") + (", " if past and gaps else "") + \
-        (f"{len(gaps)} missing (from {gaps[0]})" if gaps else "")
-    return f"config.json says {key}={n}, but the tensors hold {what} {held}: {detail}"
-
-
-def unknown_tensor_problems(names) -> list[str]:
+def unknown_tensor_problems(names, table: RuleTable = V4_TABLE) -> list[str]:
     """Tensors no rule knows, one line per pattern: refused rather than copied into a checkpoint an engine might
     misread (a newer revision's draft blocks, another model's names)."""
     by_pattern: dict[str, list[str]] = {}
     for name in sorted(names):
-        if rule_for(module_name(name)) is UNKNOWN:
-            by_pattern.setdefault(collapse(name), []).append(name)
-    return [f"{pattern}: no rule of the DeepSeek V4 family knows this tensor ({len(found)} like {found[0]}); the kit "
+        if rule_for(module_name(name), table) is table.unknown:
+            by_pattern.setdefault(collapse(name, table), []).append(name)
+    return [f"{pattern}: no rule of the {table.family} family knows this tensor ({len(found)} like {found[0]}); the kit "
             "refuses rather than copy it unconverted into a checkpoint an engine may misread"
             for pattern, found in by_pattern.items()]

@@ -21,6 +21,15 @@ the FP8 form's bytes do not depend on the option.
     python -m nvfp4kit.synthetic --dst DIR --preset tiny --seed 0
     python -m nvfp4kit.synthetic --dst DIR --preset tiny --seed 0 --form mxfp4
     python -m nvfp4kit.synthetic --dst DIR --preset pro-layers --layers 2 --experts 8
+
+``--preset v3-tiny`` / ``v32-tiny`` write DeepSeek V3 (R1, V3.1) / V3.2 instead (deepseek-family.md §3): Hugging
+Face names (``model.layers.N.mlp.experts.E.gate_proj``), FP8 linears with F32 ``weight_scale_inv`` multipliers
+(block amax / 448, not powers of two; the experts are trained-like FP8, not MXFP4-origin), dense first layers
+(``first_k_dense_replace``), the MTP block as layer ``num_hidden_layers`` with BF16 ``eh_proj``, the V3.2 indexer
+with F32 LayerNorm (and F32 norms), ``kv_a_proj_with_mqa`` of 576 rows (a partial 128-block), and one routed
+expert's gate and up projections in different shards.
+
+    python -m nvfp4kit.synthetic --dst DIR --preset v3-tiny
 """
 
 from __future__ import annotations
@@ -168,6 +177,86 @@ PRESETS: dict[str, dict] = {
         },
     },
 }
+# DeepSeek V3's config.json (deepseek-ai/DeepSeek-V3; R1 and V3.1 share the architecture). V3.2 adds the indexer.
+V3_CONFIG: dict = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "n_group": 8,
+    "topk_group": 4,
+    "first_k_dense_replace": 3,
+    "moe_layer_freq": 1,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "norm_topk_prob": True,
+    "num_nextn_predict_layers": 1,
+    "ep_size": 1,
+    "aux_loss_alpha": 0.001,
+    "seq_aux": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    "max_position_embeddings": 163840,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+    "initializer_range": 0.02,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.3",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [BLOCK, BLOCK]},
+}
+V32_FIELDS: dict = {
+    "architectures": ["DeepseekV32ForCausalLM"],
+    "model_type": "deepseek_v32",
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 2048,
+    # V3.1/V3.2 name ue8m0 scales, yet the scales on disk stay F32 weight_scale_inv (deepseek-family.md §3).
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "scale_fmt": "ue8m0", "weight_block_size": [BLOCK, BLOCK]},
+}
+# Tiny V3 widths: hidden 512 (a multiple of 128: vLLM derives the indexer wk's block from the shapes), real MLA
+# ranks (kv_lora 512 + rope 64 = 576 rows for kv_a_proj_with_mqa: 4.5 blocks), layer 0 dense, layers 1-2 MoE.
+V3_TINY: dict = {
+    "hidden_size": 512,
+    "intermediate_size": 384,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "q_lora_rank": 256,
+    "vocab_size": 1024,
+    "max_position_embeddings": 4096,
+    "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024, "beta_fast": 32,
+                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+V3_PRESETS: dict[str, dict] = {"v3-tiny": V3_TINY, "v32-tiny": {**V32_FIELDS, **V3_TINY, "index_topk": 16}}
 FIRST_LAYERS_RATIO = {"flash-tiny": 0}  # compress ratio of layers 0-1 where it is not Pro's 128
 SCALE_DTYPES = {"ue8m0": torch.float8_e8m0fnu, "f32": torch.float32}
 FORMS = ("fp8", "mxfp4")  # how routed experts are stored: the FP8 repack, or DeepSeek's original release
@@ -176,8 +265,14 @@ SHARDS_IN_FLIGHT = 4  # shards drawn ahead of the one being written (bounds memo
 
 def model_config(preset: str = "tiny", **overrides) -> dict:
     """config.json of a preset: the real V4 Pro fields with the preset's and the caller's overrides."""
+    if preset in V3_PRESETS:
+        cfg = json.loads(json.dumps(V3_CONFIG))  # deep copy
+        cfg.update(json.loads(json.dumps(V3_PRESETS[preset])))
+        cfg.update(overrides)
+        cfg["num_experts_per_tok"] = min(cfg["num_experts_per_tok"], cfg["n_routed_experts"])
+        return cfg
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS) + sorted(V3_PRESETS)}")
     cfg = json.loads(json.dumps(PRO_CONFIG))  # deep copy
     cfg.update(PRESETS[preset])
     cfg.update(overrides)
@@ -208,6 +303,8 @@ class Recipe:
     def tensor_names(self) -> list[str]:
         if self.kind in ("fp8", "expert"):
             return [self.name + ".weight", self.name + ".scale"]
+        if self.kind == "fp8_inv":
+            return [self.name + ".weight", self.name + ".weight_scale_inv"]
         return [self.name]
 
 
@@ -288,8 +385,72 @@ def head_recipes(cfg: dict, p: str) -> list[Recipe]:
     ]
 
 
+def is_v3(cfg: dict) -> bool:
+    return cfg.get("model_type") in ("deepseek_v3", "deepseek_v32")
+
+
+def v3_layer_recipes(cfg: dict, n: int) -> list[Recipe]:
+    """A V3 / V3.2 decoder layer ``model.layers.n.`` (HF names; dense below ``first_k_dense_replace``)."""
+    H, Q, KV = cfg["hidden_size"], cfg["q_lora_rank"], cfg["kv_lora_rank"]
+    nH, nope, rope, vd = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    norm = "norm32" if cfg["model_type"] == "deepseek_v32" else "norm"  # V3.2 stores its norms as F32
+    p, a = f"model.layers.{n}.", f"model.layers.{n}.self_attn."
+    out = [
+        Recipe(f"{p}input_layernorm.weight", norm, (H,)),
+        Recipe(f"{p}post_attention_layernorm.weight", norm, (H,)),
+        Recipe(f"{a}q_a_proj", "fp8_inv", (Q, H)),
+        Recipe(f"{a}q_a_layernorm.weight", norm, (Q,)),
+        Recipe(f"{a}q_b_proj", "fp8_inv", (nH * (nope + rope), Q)),
+        Recipe(f"{a}kv_a_proj_with_mqa", "fp8_inv", (KV + rope, H)),
+        Recipe(f"{a}kv_a_layernorm.weight", norm, (KV,)),
+        Recipe(f"{a}kv_b_proj", "fp8_inv", (nH * (nope + vd), KV)),
+        Recipe(f"{a}o_proj", "fp8_inv", (H, nH * vd)),
+    ]
+    if "index_n_heads" in cfg:
+        iH, iD = cfg["index_n_heads"], cfg["index_head_dim"]
+        out += [
+            Recipe(f"{a}indexer.wq_b", "fp8_inv", (iH * iD, Q)),
+            Recipe(f"{a}indexer.wk", "fp8_inv", (iD, H)),
+            Recipe(f"{a}indexer.weights_proj.weight", "bf16", (iH, H)),
+            Recipe(f"{a}indexer.k_norm.weight", "f32", (iD,), mean=1.0, std=0.1),
+            Recipe(f"{a}indexer.k_norm.bias", "f32", (iD,), std=0.02),
+        ]
+    m = f"{p}mlp."
+    if n < cfg["first_k_dense_replace"]:
+        I = cfg["intermediate_size"]
+        return out + [Recipe(f"{m}gate_proj", "fp8_inv", (I, H)), Recipe(f"{m}up_proj", "fp8_inv", (I, H)),
+                      Recipe(f"{m}down_proj", "fp8_inv", (H, I))]
+    I, E, S = cfg["moe_intermediate_size"], cfg["n_routed_experts"], cfg["moe_intermediate_size"] * cfg["n_shared_experts"]
+    out += [Recipe(f"{m}gate.weight", "bf16", (E, H)), Recipe(f"{m}gate.e_score_correction_bias", "f32", (E,), std=0.01),
+            Recipe(f"{m}shared_experts.gate_proj", "fp8_inv", (S, H)), Recipe(f"{m}shared_experts.up_proj", "fp8_inv", (S, H)),
+            Recipe(f"{m}shared_experts.down_proj", "fp8_inv", (H, S))]
+    for e in range(E):
+        out += [Recipe(f"{m}experts.{e}.gate_proj", "fp8_inv", (I, H)), Recipe(f"{m}experts.{e}.up_proj", "fp8_inv", (I, H)),
+                Recipe(f"{m}experts.{e}.down_proj", "fp8_inv", (H, I))]
+    return out
+
+
+def v3_checkpoint_recipes(cfg: dict) -> list[Recipe]:
+    """Every tensor of a V3 / V3.2 checkpoint: embedding, layers, norm and head, then the MTP layer."""
+    H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    norm = "norm32" if cfg["model_type"] == "deepseek_v32" else "norm"
+    out = [Recipe("model.embed_tokens.weight", "bf16", (V, H))]
+    for n in range(L):
+        out += v3_layer_recipes(cfg, n)
+    out += [Recipe("model.norm.weight", norm, (H,)), Recipe("lm_head.weight", "bf16", (V, H))]
+    for k in range(cfg["num_nextn_predict_layers"]):
+        p = f"model.layers.{L + k}."
+        out += [Recipe(f"{p}embed_tokens.weight", "bf16", (V, H)), Recipe(f"{p}enorm.weight", norm, (H,)),
+                Recipe(f"{p}hnorm.weight", norm, (H,)), Recipe(f"{p}eh_proj.weight", "bf16", (H, 2 * H)),
+                Recipe(f"{p}shared_head.norm.weight", norm, (H,)), Recipe(f"{p}shared_head.head.weight", "bf16", (V, H))]
+        out += v3_layer_recipes(cfg, L + k)
+    return out
+
+
 def checkpoint_recipes(cfg: dict) -> list[Recipe]:
     """Every tensor of the checkpoint, in file order."""
+    if is_v3(cfg):
+        return v3_checkpoint_recipes(cfg)
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     ratios = cfg["compress_ratios"]
     out = [Recipe("embed.weight", "bf16", (V, H))]
@@ -318,7 +479,9 @@ def shard_count(cfg: dict) -> int:
     return cfg["num_hidden_layers"] + 3  # embed, one per layer, head/norm, mtp
 
 
-def shard_file(number: int, total: int) -> str:
+def shard_file(number: int, total: int, cfg: dict | None = None) -> str:
+    if cfg is not None and is_v3(cfg):  # DeepSeek V3's own names: model-00001-of-000163.safetensors
+        return f"model-{number:05d}-of-{total:06d}.safetensors"
     return f"model-{number:05d}-of-{total:05d}.safetensors"
 
 
@@ -330,6 +493,11 @@ def deliberate_misplacements(cfg: dict) -> dict[str, int]:
     * ``layers.1.attn.wo_b.scale`` sits in layer 0's shard while its weight stays in layer 1's.
     """
     last = cfg["n_routed_experts"] - 1
+    if is_v3(cfg):  # the first MoE layer's last expert: up_proj in the next layer's shard; a scale apart
+        k = cfg["first_k_dense_replace"]
+        moved = {f"model.layers.{k}.mlp.experts.{last}.up_proj.{s}": k + 3 for s in ("weight", "weight_scale_inv")}
+        moved["model.layers.0.self_attn.o_proj.weight_scale_inv"] = 3
+        return moved
     moved = {f"layers.0.ffn.experts.{last}.w3.{suffix}": 3 for suffix in ("weight", "scale")}
     if cfg["num_hidden_layers"] > 1:
         moved["layers.1.attn.wo_b.scale"] = 2
@@ -342,6 +510,11 @@ def shard_number(name: str, cfg: dict) -> int:
     if name in moved:
         return moved[name]
     total = shard_count(cfg)
+    if is_v3(cfg):
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            return total if layer >= cfg["num_hidden_layers"] else layer + 2
+        return 1 if name.startswith("model.embed_tokens.") else total - 1  # model.norm, lm_head
     if name.startswith("embed."):
         return 1
     if name.startswith("layers."):
@@ -474,6 +647,22 @@ def make_mxfp4_expert(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype)
     return {r.name + ".weight": weight, r.name + ".scale": scale}
 
 
+def make_fp8_inv(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A V3 FP8 weight with its F32 ``weight_scale_inv``: block amax / 448 (a multiplier, not a power of two)."""
+    weight = torch.empty(r.shape, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(math.ceil(r.shape[0] / BLOCK), math.ceil(r.shape[1] / BLOCK), dtype=torch.float32)
+    for row, chunk in row_chunks(r.shape, gen):
+        w, s = quantize_fp8_blocks(chunk, (BLOCK, BLOCK), torch.float32)
+        weight[row : row + len(w)] = w
+        scale[row // BLOCK : row // BLOCK + len(s)] = s
+    return {r.name + ".weight": weight, r.name + ".weight_scale_inv": scale}
+
+
+def make_norm32(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """V3.2's norm gains: as :func:`make_norm`, stored as float32."""
+    return {r.name: torch.exp(0.3 * torch.randn(r.shape, generator=gen))}
+
+
 def make_f32(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {r.name: r.mean + r.std * torch.randn(r.shape, generator=gen)}
 
@@ -492,6 +681,8 @@ def make_tid2eid(r: Recipe, gen: torch.Generator, scale_dtype: torch.dtype) -> d
 MAKERS = {
     "bf16": make_bf16,
     "fp8": make_fp8,
+    "fp8_inv": make_fp8_inv,
+    "norm32": make_norm32,
     "expert": make_expert,
     "f32": make_f32,
     "norm": make_norm,
@@ -523,6 +714,8 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
+    if preset in V3_PRESETS and form != "fp8":
+        raise ValueError(f"--form {form}: DeepSeek V3 was released in FP8 only")
     cfg = model_config(preset, **overrides)
     if form == "fp8":
         cfg.pop("expert_dtype", None)  # the FP8 repack drops it (deepseek-v4-layout.md §1.2): its experts are FP8
@@ -540,7 +733,7 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
         nonlocal total_size
         wanted = set(by_shard[number])
         tensors = {n: t for made in drawn for n, t in made.result().items() if n in wanted}
-        path = shard_file(number, total)
+        path = shard_file(number, total, cfg)
         save_file(tensors, os.path.join(dst, path))
         weight_map.update({n: path for n in tensors})
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -564,7 +757,7 @@ def generate(dst: str, preset: str = "tiny", seed: int = 0, scale_dtype: str = "
 
 
 # Header dtype of each recipe kind's tensors (weight, then scale) -- what MAKERS draw, known without drawing.
-_KIND_DTYPES = {"bf16": ("BF16",), "f32": ("F32",), "norm": ("BF16",), "tid2eid": ("I64",)}
+_KIND_DTYPES = {"bf16": ("BF16",), "f32": ("F32",), "norm": ("BF16",), "norm32": ("F32",), "tid2eid": ("I64",)}
 _SCALE_DTYPE_NAMES = {"ue8m0": "F8_E8M0", "f32": "F32"}
 
 
@@ -573,6 +766,9 @@ def recipe_specs(r: Recipe, scale_dtype: str = "ue8m0", form: str = "fp8") -> li
     if r.kind in _KIND_DTYPES:
         return [TensorSpec(r.name, _KIND_DTYPES[r.kind][0], r.shape)]
     rows, cols = r.shape
+    if r.kind == "fp8_inv":
+        return [TensorSpec(r.name + ".weight", "F8_E4M3", r.shape),
+                TensorSpec(r.name + ".weight_scale_inv", "F32", (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)))]
     if r.kind == "expert" and form == "mxfp4":
         return [TensorSpec(r.name + ".weight", "I8", (rows, cols // 2)),
                 TensorSpec(r.name + ".scale", "F8_E8M0", (rows, cols // MX_BLOCK))]
@@ -595,7 +791,7 @@ def write_layout(dst: str, cfg: dict, form: str = "fp8", scale_dtype: str = "ue8
     weight_map: dict[str, str] = {}
     data = 0
     for number, specs in by_shard.items():
-        path = shard_file(number, total)
+        path = shard_file(number, total, cfg)
         header = encode_header(specs)
         size = sum(s.nbytes for s in specs)
         with open(os.path.join(dst, path), "wb") as f:
@@ -653,7 +849,8 @@ def write_side_files(dst: str, cfg: dict, form: str = "fp8") -> None:
         "n_routed_experts": cfg["n_routed_experts"], "moe_inter_dim": cfg["moe_intermediate_size"],
     })
     what = "FP8 checkpoint" if form == "fp8" else "checkpoint in the original release's form (MXFP4 routed experts)"
-    write_text(dst, "README.md", f"Synthetic DeepSeek V4 {what} written by nvfp4kit.synthetic; random weights.\n")
+    model = {"deepseek_v3": "V3", "deepseek_v32": "V3.2"}.get(cfg.get("model_type"), "V4")
+    write_text(dst, "README.md", f"Synthetic DeepSeek {model} {what} written by nvfp4kit.synthetic; random weights.\n")
 
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -712,7 +909,7 @@ Written by nvfp4kit.synthetic so that converters are tested on copying non-tenso
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dst", required=True, help="output folder")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + sorted(V3_PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, help="num_hidden_layers override")
     ap.add_argument("--experts", type=int, help="n_routed_experts override")

@@ -68,7 +68,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointError, configured_block_size, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, configured_block_size, open_checkpoint, read_config
 from .calibrate import REPORT_NAME as PATH_B_REPORT_NAME
 from .convert import REPORT_NAME, STATE_DIR
 from .fp8 import dequantize_fp8_blocks, infer_block_size
@@ -78,7 +78,8 @@ from .mxfp4 import dequantize_mxfp4
 from .nvfp4 import NVFP4Tensor, dequantize_nvfp4, reconstruction_error
 from .errors import KitError
 from .plan import ConversionPlan, Options, build_plan
-from .rules import Overrides, collapse, fused_group, module_name, rule_for
+from .families import table_for
+from .rules import Overrides, RuleTable, collapse, fused_group, module_name, rule_for
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec, read_tensor, tensor_bytes
 
 # Reference NVFP4 (amax/2688, E4M3 block scales) gives 20.4 dB on Gaussian weights, 21.8 dB on Student-t(3) ones and
@@ -361,8 +362,8 @@ def check_scale_values(ckpt: Checkpoint, inv: Inventory, w4a4: bool) -> tuple[li
             v = read_tensor(t[spec.name]).to(torch.float32).reshape(-1)
             if v.numel() != 1 or not bool(torch.isfinite(v).all()) or float(v[0]) <= 0:
                 problems.append(f"{spec.name} = {v.tolist()}: a global/activation scale must be one finite value > 0")
-            elif spec.name == gs_name and fused_group(module):
-                globals_by_group.setdefault(fused_group(module), {})[gs_name] = float(v[0])
+            elif spec.name == gs_name and (group := fused_group(module, table_for(ckpt.config))):
+                globals_by_group.setdefault(group, {})[gs_name] = float(v[0])
     for group, values in sorted(globals_by_group.items()):
         if len(set(values.values())) > 1:
             problems.append(f"{group}: global scales differ ({values}); vLLM fuses these and uses one for all")
@@ -479,10 +480,10 @@ def _nvidia_describes(ckpt: Checkpoint, inv: Inventory, qcfg: dict) -> tuple[lis
     if "weight_block_size" not in qcfg:
         problems.append("quantization_config lacks weight_block_size: vLLM's FP8 linears need it")
     for module in inv.nvfp4:
-        if rule_for(module).category != "routed_expert":
+        if rule_for(module, table_for(ckpt.config)).category != "routed_expert":
             problems.append(f"{module}: NVFP4, but layout nvidia quantizes routed experts only (vLLM builds it FP8)")
     for module in inv.fp8:
-        if rule_for(module).category == "routed_expert":
+        if rule_for(module, table_for(ckpt.config)).category == "routed_expert":
             problems.append(f"{module}: a routed expert kept FP8, but moe_quant_algo NVFP4 makes vLLM build it NVFP4")
     problems += _hf_quant_config_problems(ckpt, required=("quant_algo", "kv_cache_quant_algo", "group_size"))
     return ["moe_quant_algo NVFP4 for every routed expert, FP8 blocks for the rest"], problems
@@ -693,12 +694,12 @@ def options_from_json(data: dict) -> Options:
                    overrides=Overrides(tuple(overrides.get("quantize", ())), tuple(overrides.get("keep", ()))))
 
 
-def inferred_overrides(inv: Inventory) -> Overrides:
+def inferred_overrides(inv: Inventory, table: RuleTable) -> Overrides:
     """The output's own choices as overrides: NVFP4 where the rules keep FP8 by default, and the reverse.
 
     :func:`nvfp4kit.rules.decide` still refuses what the rules forbid (NVFP4 for a must-keep module)."""
-    quantize = [m for m in inv.nvfp4 if not rule_for(m).quantize_by_default]
-    keep = [m for m in inv.fp8 if rule_for(m).quantize_by_default]
+    quantize = [m for m in inv.nvfp4 if not rule_for(m, table).quantize_by_default]
+    keep = [m for m in inv.fp8 if rule_for(m, table).quantize_by_default]
     return Overrides(tuple(f"^{re.escape(m)}$" for m in quantize), tuple(f"^{re.escape(m)}$" for m in keep))
 
 
@@ -709,7 +710,7 @@ def rebuilt_plan(source: Checkpoint, inv: Inventory, w4a4: bool, records: Record
     if recorded:
         options, why = options_from_json(recorded[0]), f"options recorded in {recorded[1]}"
     else:
-        options = Options(format=inv.format, overrides=inferred_overrides(inv))
+        options = Options(format=inv.format, overrides=inferred_overrides(inv, table_for(source.config)))
         why = f"no recorded options: layout {inv.format}, the output's NVFP4/FP8 choices where the rules allow them"
     # Activation scales only decide which tensor names exist (their values are checked by static): any amax will do.
     amax = {module_name(n): 1.0 for n, i in source.tensors.items() if form_of(i.dtype)} if w4a4 else None  # FP8, MXFP4
@@ -1001,8 +1002,9 @@ def check_vllm_dry_load(dst: str) -> CheckResult:
         return _skip("vllm_dry_load", r.reason, required=False)
     evidence = [f"vllm {r.vllm_version}: {len(r.schemes)} modules' schemes as vLLM picked them:"]
     by_scheme: dict[str, set[str]] = {}
+    table = table_for(read_config(dst)[0])
     for module, scheme in r.schemes.items():
-        by_scheme.setdefault(scheme, set()).add(collapse(module))
+        by_scheme.setdefault(scheme, set()).add(collapse(module, table))
     evidence += [f"  {scheme}: {', '.join(sorted(patterns))}" for scheme, patterns in sorted(by_scheme.items())]
     return _result("vllm_dry_load", evidence, r.problems)
 

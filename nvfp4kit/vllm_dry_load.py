@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from nvfp4kit.families import Family, family_for
 from nvfp4kit.nvfp4 import NVFP4Tensor, dequantize_nvfp4
 from nvfp4kit.safetensors_io import TensorInfo, read_header, read_tensor
 
@@ -146,15 +148,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_models(root: str):
-    """(vllm_config, target model, MTP model or None), built by vLLM exactly as a server builds them."""
+def model_class(path: str):
+    """``"module:Class"`` (a family's ``vllm_model`` / ``vllm_mtp_model``) -> the class."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_models(root: str, family: Family):
+    """(vllm_config, target model, MTP model or None), built by vLLM exactly as a server builds them, with the
+    family's NVIDIA-platform model classes."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.parallel_state import model_parallel_is_initialized
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model
-    from vllm.models.deepseek_v4.nvidia.model import DeepseekV4ForCausalLM
-    from vllm.models.deepseek_v4.nvidia.mtp import DeepSeekV4MTP
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     with open(os.path.join(root, "config.json")) as f:
@@ -176,13 +183,13 @@ def build_models(root: str):
                 distributed_init_method=f"tcp://127.0.0.1:{free_port()}", backend="gloo",
             )
             initialize_model_parallel(1, 1)
-        target = initialize_model(vllm_config=vllm_config, model_class=DeepseekV4ForCausalLM)
+        target = initialize_model(vllm_config=vllm_config, model_class=model_class(family.vllm_model))
         mtp = None
         if has_mtp:
             # As serving does: the draft model from the speculative config, sharing the target's quant config.
             mtp = initialize_model(
                 vllm_config=vllm_config,
-                model_class=DeepSeekV4MTP,
+                model_class=model_class(family.vllm_mtp_model),
                 model_config=vllm_config.speculative_config.draft_model_config,
             )
     return vllm_config, target, mtp
@@ -240,8 +247,23 @@ class LoaderRecorder:
 
 
 # ------------------------------------------------------------------------------------------------ name mapping
-def native_modules(runtime: str, num_hidden_layers: int) -> list[str]:
+# V3 / V3.2 (HF names, the same at runtime): vLLM's fused modules -> the checkpoint modules they stack.
+V3_UNFUSED = {
+    "self_attn.fused_qkv_a_proj": ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.shared_experts.gate_up_proj": ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"),
+    "self_attn.indexer.wk_weights_proj": ("self_attn.indexer.wk", "self_attn.indexer.weights_proj"),
+}
+
+
+def native_modules(runtime: str, num_hidden_layers: int, family_name: str = "deepseek_v4") -> list[str]:
     """The checkpoint module names behind one vLLM module (fused modules stand for several)."""
+    if family_name != "deepseek_v4":  # V3's MTP block runs as model.layers.L.mtp_block.* (deepseek_mtp.py)
+        name = re.sub(r"^(model\.layers\.\d+)\.mtp_block\.", r"\1.", runtime)
+        for fused, parts in V3_UNFUSED.items():
+            if name.endswith("." + fused):
+                return [name[: -len(fused)] + p for p in parts]
+        return [name]
     m = re.match(r"^model\.layers\.(\d+)\.(?:mtp_block\.)?(.*)$", runtime)
     if m:
         layer, rest = int(m.group(1)), m.group(2)
@@ -266,9 +288,10 @@ def native_modules(runtime: str, num_hidden_layers: int) -> list[str]:
 
 
 def checkpoint_module(tensor: str) -> str:
-    """``layers.0.ffn.experts.3.w1.weight_packed`` -> ``layers.0.ffn.experts``; ``x.wq_a.weight`` -> ``x.wq_a``."""
+    """``layers.0.ffn.experts.3.w1.weight_packed`` -> ``layers.0.ffn.experts``; ``x.wq_a.weight`` -> ``x.wq_a``
+    (V3: ``model.layers.1.mlp.experts.3.gate_proj.weight`` -> ``model.layers.1.mlp.experts``)."""
     module = tensor.rsplit(".", 1)[0] if "." in tensor else tensor
-    return re.sub(r"\.experts\.\d+\.w[123]$", ".experts", module)
+    return re.sub(r"\.experts\.\d+\.(w[123]|gate_proj|up_proj|down_proj)$", ".experts", module)
 
 
 # ------------------------------------------------------------------------------------------------------ schemes
@@ -304,7 +327,8 @@ def scheme_of_quant_keys(weight, activation) -> str:
     return f"{weight} / {activation}"
 
 
-def schemes_vllm_picked(models: list[torch.nn.Module], num_hidden_layers: int) -> dict[str, str]:
+def schemes_vllm_picked(models: list[torch.nn.Module], num_hidden_layers: int,
+                        family_name: str = "deepseek_v4") -> dict[str, str]:
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -319,7 +343,7 @@ def schemes_vllm_picked(models: list[torch.nn.Module], num_hidden_layers: int) -
                 continue
             if isinstance(module, RoutedExperts):
                 runtime = runtime.removesuffix(".routed_experts")
-            for native in native_modules(runtime, num_hidden_layers):
+            for native in native_modules(runtime, num_hidden_layers, family_name):
                 table.setdefault(native, label)
     return dict(sorted(table.items(), key=lambda kv: natural_key(kv[0])))
 
@@ -380,7 +404,7 @@ class DryLoadReport:
         return asdict(self) | {"passed": self.passed, "problems": self.problems}
 
 
-def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport) -> None:
+def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport, family: Family) -> None:
     """Each tensor through its model's own ``load_weights``, one at a time so that every failure is named."""
     from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
@@ -391,7 +415,7 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport) 
     try:
         for name in sorted(view.tensors, key=natural_key):
             info = view.tensors[name]
-            model = mtp if name.startswith("mtp.") else target
+            model = mtp if family.is_mtp(name, int(view.config["num_hidden_layers"])) else target
             if model is None:
                 report.unmatched_tensors.append(f"{name}: the config declares no MTP layer (num_nextn_predict_layers)")
                 continue
@@ -451,7 +475,8 @@ def is_weight_only_moe(module: torch.nn.Module) -> bool:
     return getattr(getattr(module, "quant_method", None), "use_a16", False) is True
 
 
-def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: DryLoadReport) -> None:
+def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: DryLoadReport,
+                   family_name: str = "deepseek_v4") -> None:
     """Parameters (or experts' slices of them) that no tensor wrote, less those vLLM documents as never filled."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
 
@@ -483,7 +508,7 @@ def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: Dry
                 continue
             if owner.endswith("routed_experts"):
                 experts = mask.reshape(mask.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
-                missing = ", ".join(expert_tensor_names(owner, leaf, experts, num_hidden_layers))
+                missing = ", ".join(expert_tensor_names(owner, leaf, experts, num_hidden_layers, family_name))
                 report.unfilled_parameters.append(
                     f"{name}: never written for expert(s) {experts}: missing {missing} (vLLM would compute with "
                     f"uninitialised memory, silently)"
@@ -494,11 +519,16 @@ def check_unfilled(models: dict[str, torch.nn.Module], config: dict, report: Dry
                 )
 
 
-def expert_tensor_names(owner: str, leaf: str, experts: list[int], num_hidden_layers: int) -> list[str]:
-    """Checkpoint names behind an expert parameter: ``w13_weight_scale`` of expert 5 -> ``….5.w1/w3.weight_scale``."""
-    module = native_modules(owner.removesuffix(".routed_experts"), num_hidden_layers)[0]
+def expert_tensor_names(owner: str, leaf: str, experts: list[int], num_hidden_layers: int,
+                        family_name: str = "deepseek_v4") -> list[str]:
+    """Checkpoint names behind an expert parameter: ``w13_weight_scale`` of expert 5 -> ``….5.w1/w3.weight_scale``
+    (V3: ``….5.gate_proj/up_proj.weight_scale``)."""
+    module = native_modules(owner.removesuffix(".routed_experts"), num_hidden_layers, family_name)[0]
     projection, suffix = leaf.split("_", 1)  # "w13", "weight_scale"
-    shards = "w1/w3" if projection == "w13" else projection
+    if family_name == "deepseek_v4":
+        shards = "w1/w3" if projection == "w13" else projection
+    else:
+        shards = "gate_proj/up_proj" if projection == "w13" else "down_proj"
     return [f"{module}.{e}.{shards}.{suffix}" for e in experts]
 
 
@@ -630,12 +660,17 @@ def dry_load(root: str, planned: dict[str, str] | None = None) -> DryLoadReport:
 
     view = open_checkpoint_headers(root)
     num_hidden_layers = int(view.config["num_hidden_layers"])
+    family = family_for(view.config)
     stubbed = install_cpu_stubs()
     report = DryLoadReport(checkpoint=os.path.abspath(root), vllm_version=vllm.__version__, quant_config_class="",
                            stubbed=stubbed)
     check_config_names(view.config, num_hidden_layers, report)
+    if family is None:
+        report.scheme_problems.append(f"config.json architectures {view.config.get('architectures')}: no model "
+                                      "family of the kit, so no vLLM model class to load it with")
+        return report
     try:
-        vllm_config, target, mtp = build_models(root)
+        vllm_config, target, mtp = build_models(root, family)
     except Exception as e:  # noqa: BLE001 - vLLM refusing this config is the finding
         report.scheme_problems.append(
             f"vLLM cannot build the model for this config{failing_layer(e)}: {type(e).__name__}: {first_line(e)}"
@@ -650,10 +685,10 @@ def dry_load(root: str, planned: dict[str, str] | None = None) -> DryLoadReport:
         from vllm.config import set_current_vllm_config
 
         with set_current_vllm_config(vllm_config):
-            load_every_tensor(view, target, mtp, report)
-        check_unfilled(models, view.config, report)
+            load_every_tensor(view, target, mtp, report, family)
+        check_unfilled(models, view.config, report, family.name)
 
-    report.schemes = schemes_vllm_picked(list(models.values()), num_hidden_layers)
+    report.schemes = schemes_vllm_picked(list(models.values()), num_hidden_layers, family.name)
     from_tensors, activation_scaled = schemes_in_checkpoint(view.tensors)
     report.planned = from_tensors | normalize_plan(planned or {})
     compare_schemes(report, activation_scaled)

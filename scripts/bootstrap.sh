@@ -20,7 +20,7 @@ if "$python" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
 fi
 
 stamp="$venv/.installed"
-want="$(cat "$reqs" "$here/requirements.txt" "$constraints" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$reqs" "$here/requirements.txt" "$here/requirements-pathb.txt" "$constraints" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "${venv_flags[@]}" "$venv" >&2
 fi
