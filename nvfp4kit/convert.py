@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -512,6 +512,16 @@ class _WorkerJob:
     device: str
     threads: int  # torch CPU threads per worker: the cores shared out between workers
     first_gpu: int = 0  # worker k runs on GPU first_gpu + k
+    _pool: PinnedPool | None = field(default=None, repr=False, compare=False)
+
+    def pinned_pool(self) -> PinnedPool:
+        """The worker's pinned read buffers, kept from shard to shard (made in the worker, never pickled)."""
+        if self._pool is None:
+            self._pool = PinnedPool()
+        return self._pool
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}
 
 
 def install_worker(job: _WorkerJob, k: int, parent_alive: Callable[[], bool]) -> Callable[[str, Callable], dict]:
@@ -559,22 +569,30 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
     writes: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
     pin = device.type == "cuda"
+    pool = job.pinned_pool() if pin else None
     # Seconds each stage worked: where the time goes (in the manifest and the benchmark's JSON).
     busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0, "flush": 0.0}
 
     stop = threading.Event()  # set when the compute loop ends early: the reader stops at its next item
 
+    held: list[torch.Tensor] = []  # the pool buffers the item being read lives in
+
+    def take(nbytes: int) -> torch.Tensor:
+        held.append(pool.take(nbytes))
+        return held[-1]
+
     def reader() -> None:
         try:
             for unit in units:
-                items = read_unit(unit, tensors, pin)
+                items = read_unit(unit, tensors, pin, take if pool is not None else None)
                 while not stop.is_set():
                     t0 = time.perf_counter()
                     item = next(items, _DONE)
                     busy["read"] += time.perf_counter() - t0
                     if item is _DONE:
                         break
-                    reads.put(item)
+                    reads.put((item, held[:]))
+                    held.clear()
                 if stop.is_set():
                     break
         except BaseException as e:  # handed to the compute loop, which raises it with the tensor's name
@@ -587,6 +605,9 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
 
     def hasher() -> None:
         while (b := hashes.get()) is not _DONE:
+            if isinstance(b, list):  # an item's buffers, written and now hashed: free for the reader again
+                pool.give(b)
+                continue
             t0 = time.perf_counter()
             h.update(b)
             busy["hash"] += time.perf_counter() - t0
@@ -613,7 +634,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
             t.start()
         try:
             while (item := writes.get()) is not _DONE:
-                data, source_bytes = item
+                data, source_bytes, buffers = item
                 for t in data:
                     b = tensor_bytes(t)
                     t0 = time.perf_counter()
@@ -621,6 +642,8 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
                     busy["write"] += time.perf_counter() - t0
                     hashes.put(b)  # hashed on its own thread while the next bytes are written
                     size += len(b)
+                if buffers:
+                    hashes.put(buffers)
                 if size - flushed >= WRITEBACK_EVERY:
                     f.flush()
                     with suppress(queue.Full):  # one request pending is enough: it flushes all there is
@@ -651,9 +674,9 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
             try:
                 while (item := reads.get()) is not _DONE and not failure:
                     t0 = time.perf_counter()
-                    out = compute_unit(item, plan, layout, device, stats)
+                    out, source_bytes = compute_unit(item[0], plan, layout, device, stats)
                     busy["compute"] += time.perf_counter() - t0
-                    writes.put(out)
+                    writes.put((out, source_bytes, item[1]))  # the item's buffers go back once written and hashed
             finally:
                 # Every thread is joined, also after an error or Ctrl-C: a thread still inside torch when the
                 # interpreter exits can abort the process ("terminate called without an active exception").
@@ -708,15 +731,21 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterator[tuple]:
-    """Items for the compute loop: a whole unit, or a copied tensor in chunks of :data:`COPY_CHUNK` bytes."""
+def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool,
+              alloc: Callable[[int], torch.Tensor] | None = None) -> Iterator[tuple]:
+    """Items for the compute loop: a whole unit, or a copied tensor in chunks of :data:`COPY_CHUNK` bytes.
+
+    ``alloc(nbytes)`` gives the uint8 buffer each tensor is read into (a :class:`PinnedPool`'s, reused); by default
+    a new one, pinned if ``pin``.
+    """
+    alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=pin))
     if unit.kind == "copy":
         info = tensors[unit.sources[0]]
         fd = os.open(info.file, os.O_RDONLY)
         try:
             for begin in range(info.begin, info.end, COPY_CHUNK) if info.nbytes else [info.begin]:
                 n = min(COPY_CHUNK, info.end - begin)
-                chunk = torch.empty(n, dtype=torch.uint8)
+                chunk = alloc(n)[:n]
                 read_into(TensorInfo(info.name, info.file, "U8", (n,), begin, begin + n), chunk, fd)
                 yield ("copy", unit, (info.dtype, chunk))
         finally:
@@ -725,10 +754,31 @@ def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterator
     loaded = []
     for name in unit.sources:
         info = tensors[name]
-        t = torch.empty(info.shape, dtype=info.torch_dtype, pin_memory=pin)
+        t = alloc(info.nbytes)[: info.nbytes].view(info.torch_dtype).view(info.shape)
         read_into(info, t)
         loaded.append(t)
     yield (unit.kind, unit, loaded)
+
+
+class PinnedPool:
+    """Pinned host buffers, reused: pinning a new buffer for every tensor (``cudaHostAlloc``) costs about as much as
+    reading it. A buffer goes back with :meth:`give` once nothing reads it any more (after its unit is written:
+    kept and copied tensors are written from it). At most a few units are in flight, so the pool stays small."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [k for k, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:  # the smallest that fits (by position: tensors compare elementwise, not by identity)
+                return self._free.pop(min(fits, key=lambda k: self._free[k].numel()))
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free += buffers
 
 
 def compute_unit(item: tuple, plan: ConversionPlan, layout: Layout, device: torch.device, stats: dict) -> tuple[list, int]:

@@ -31,6 +31,8 @@ Pass/fail (:func:`judge`): thresholds are module constants, documented in docs/f
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import math
@@ -222,13 +224,19 @@ def one_block_model(src: Checkpoint, block: int | str, fetch: TensorSource, oute
     entry ``num_hidden_layers``: compress ratio 0, learned router), experts run by transformers' eager loop. Raises if
     any key fails to load."""
     from transformers import DeepseekV4ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from .hf_model import hf_config
 
+    hf_logging.disable_progress_bar()  # a bar per block would fill a tee'd log with carriage returns
+
     index = int(src.config["num_hidden_layers"]) if block == "mtp" else int(block)
+    config = src.config
+    if block == "mtp":  # the MTP block has a learned router even in a model shorter than its hash layers
+        config = {**config, "num_hash_layers": min(int(config.get("num_hash_layers", 0)), index)}
     state = block_state_dict(src, block, fetch, outer, dtype)
     model, info = DeepseekV4ForCausalLM.from_pretrained(
-        None, config=hf_config(src.config, [index]), state_dict=state, dtype=dtype, output_loading_info=True,
+        None, config=hf_config(config, [index]), state_dict=state, dtype=dtype, output_loading_info=True,
         experts_implementation="eager")  # the loop W4A4 runs too (experts_forward): both sides sum alike
     bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
     if bad or info["error_msgs"]:
@@ -250,8 +258,12 @@ def run_block(model, ids: torch.Tensor, streams: torch.Tensor | None, logits: bo
     hooks = [layer.register_forward_hook(lambda m, a, out: captured.__setitem__("y", out))]
     if streams is not None:
         hooks.append(layer.register_forward_pre_hook(swap_in, with_kwargs=True))
+    # In bfloat16 transformers keeps norms and mHC in float32 (_keep_in_fp32_modules_strict), whose float32
+    # outputs then meet bfloat16 linears: autocast runs each matmul in bfloat16, as a bfloat16 engine does.
+    low = next(p.dtype for p in model.parameters() if p.is_floating_point()) != torch.float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if low else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             out = model(input_ids=ids.unsqueeze(0).to(device), logits_to_keep=0 if logits else 1)
     finally:
         for h in hooks:

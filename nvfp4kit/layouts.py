@@ -34,6 +34,10 @@ from .errors import KitError
 FORMATS = ("compressed-tensors", "modelopt", "nvidia")
 ENGINES = ("vllm", "sglang")
 ENGINE_FORMAT = {"sglang": "nvidia"}  # the one layout an engine serves (vLLM serves every format)
+# vLLM's V3.2 loader dequantizes the indexer's FP8 wk itself (deepseek_v2.py ``_try_load_fp8_indexer_wk``, into the
+# unquantized wk_weights_proj) and reads its scale as 1-D or 2-D only: every layout writes that scale 2-D. The bytes
+# are those of ModelOpt's 4-D form; only the header's shape differs.
+_SCALE_READ_2D = re.compile(r"\.self_attn\.indexer\.wk$")
 # SGLang's HybridFp8NvFp4Config leaves model.decoder.* (the MTP layer) out of NVFP4 and builds its experts as MXFP4.
 _MTP_ROUTED_EXPERT = re.compile(r"^mtp\.\d+\.ffn\.experts\.\d+\.w[123]$")
 
@@ -82,7 +86,8 @@ class Layout:
             return [weight, TensorSpec(f"{module}.weight_scale", "F32", scale.shape)]
         if self.format == "modelopt":
             sm, sn = scale.shape
-            return [weight, TensorSpec(f"{module}.weight_scale", "F32", (sm, 1, sn, 1))]
+            shape = scale.shape if _SCALE_READ_2D.search(module) else (sm, 1, sn, 1)
+            return [weight, TensorSpec(f"{module}.weight_scale", "F32", shape)]
         return [weight, scale]
 
     # --- tensor data -----------------------------------------------------------------------------------------
@@ -290,6 +295,7 @@ def _engine_note(engine: str) -> dict:
 
 
 def modelopt_key(module: str, num_hidden_layers: int) -> str:
-    """ModelOpt ``quantized_layers`` key: experts by their RoutedExperts prefix; MTP under its runtime name."""
-    key = re.sub(r"\.experts\.\d+\.w[123]$", ".experts", module)
+    """ModelOpt ``quantized_layers`` key: experts by their RoutedExperts prefix (V4 ``….experts.E.w1``, V3
+    ``….experts.E.gate_proj`` -> ``….experts``); MTP under its runtime name (V3 names are runtime names already)."""
+    key = re.sub(r"\.experts\.\d+\.(?:w[123]|gate_proj|up_proj|down_proj)$", ".experts", module)
     return runtime_module(key, num_hidden_layers) if key.startswith("mtp.") else key

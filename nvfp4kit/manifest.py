@@ -50,9 +50,15 @@ def read_manifest(state: str) -> dict[str, dict]:
 
 
 def append_entry(state: str, entry: dict, rank: int | None = None) -> None:
-    """Record one finished shard, durably, before anyone is told it is done."""
-    with open(manifest_path(state, rank), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    """Record one finished shard, durably, before anyone is told it is done. A line cut short by a kill is closed
+    first, so that this entry starts a line of its own."""
+    with open(manifest_path(state, rank), "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        torn = False
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, configured_block_size, scale_of, weight_of_s
 from .decode import FORMS, MXFP4, SOURCE_FORMAT_ERRORS, decoded_shape, form_of, scale_block
 from .layouts import Layout, LayoutError, check_engine, mxfp4_specs, quantization_config, writes_mxfp4
 from .nvfp4 import NVFP4FormatError, check_quantizable
-from .families import family_for, structure_problems
+from .families import family_for, option_problems, structure_problems
 from .rules import (V4_TABLE, Action, Overrides, RuleError, RuleTable, decide, fused_group, joint_scale_group,
                     module_name, unknown_tensor_problems)
 from .safetensors_io import TensorSpec
@@ -186,6 +186,7 @@ def build_plan(ckpt: Checkpoint, options: Options, activation_amax: dict[str, fl
     table = family.table if family is not None else V4_TABLE
     if family is not None:  # (another model, or no config: that one line says it all)
         problems += unknown_tensor_problems(ckpt.tensors, table)
+        problems += option_problems(family, options.format, options.engine)
     if options.scale_policy not in SCALE_POLICIES:
         problems.append(f"--scale-policy must be one of {SCALE_POLICIES}, got {options.scale_policy!r}")
     try:

@@ -32,7 +32,7 @@ INDEX_TOKENS = ("L", "E", "M")  # the placeholders rules.collapse writes: layer,
 _INSTANCE = re.compile(r"^(.*?\.(?:experts\.\d+|shared_experts|ffn\.gate|mlp\.gate))(?:\.|$)")
 EXIT_OK, EXIT_PROBLEMS = 0, 2
 SOURCE_FORM_TEXT = {
-    FP8: "FP8: every scaled linear F8_E4M3 with a block scale (the FP8 repack's form)",
+    FP8: "FP8: every scaled linear F8_E4M3 with a block scale (V4's FP8 repack; V3, R1, V3.1, V3.2 as released)",
     MXFP4: "DeepSeek's original release: routed experts MXFP4 (I8 + F8_E8M0 per 1x32 block), other linears FP8",
 }
 
@@ -75,7 +75,8 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
     """Everything the report says, as plain JSON types. ``convertible`` is False when any problem blocks Path A.
 
     ``activation_amax``: the converter's ``--activation-scales``, when the report previews a W4A4 run."""
-    family = family_for(ckpt.config) or V4  # (another model is refused by the plan; its names read as V4's)
+    found = family_for(ckpt.config)
+    family = found or V4  # (another model is refused by the plan; its names read as V4's)
     table = family.table
     order = categories_of(table)
     pairs, blocks, _ = fp8_pairs(ckpt)
@@ -122,7 +123,7 @@ def checkpoint_facts(ckpt: Checkpoint, options: Options = Options(),
         "source": {**_source_facts(ckpt), "form": MXFP4 if MXFP4 in forms.values() else FP8},
         "patterns": [r.as_json() for r in ordered],
         "categories": {c: dict(n) for c, n in categories.items() if n["tensors"]},
-        "family": family.name,
+        "family": found.name if found else None,
         "counts": _counts(ckpt, instances, family),
         "fp8": _form_facts(ckpt, pairs, blocks, forms, FP8),
         "mxfp4": _form_facts(ckpt, pairs, blocks, forms, MXFP4),
@@ -293,6 +294,8 @@ def render_report(facts: dict) -> str:
 
     out: list[str] = []
     out += _render_source(facts["source"], size, unit_name)
+    if facts.get("family"):
+        out.append(f"  family    {facts['family']} (its rule table: nvfp4kit/families/, docs/families.md)")
     out += _render_patterns(facts["patterns"], size, unit_name)
     out += _render_categories(facts, size, unit_name)
     out += _render_fp8(facts["fp8"])

@@ -29,7 +29,7 @@ Face names (``model.layers.N.mlp.experts.E.gate_proj``), FP8 linears with F32 ``
 with F32 LayerNorm (and F32 norms), ``kv_a_proj_with_mqa`` of 576 rows (a partial 128-block), and one routed
 expert's gate and up projections in different shards.
 
-    python -m nvfp4kit.synthetic --dst DIR --preset v3-tiny
+    python -m nvfp4kit.synthetic --dst DIR --preset v3-tiny     # or --family v3; v32-tiny / --family v32
 """
 
 from __future__ import annotations
@@ -257,6 +257,7 @@ V3_TINY: dict = {
                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
 }
 V3_PRESETS: dict[str, dict] = {"v3-tiny": V3_TINY, "v32-tiny": {**V32_FIELDS, **V3_TINY, "index_topk": 16}}
+FAMILY_PRESETS = {"v4": "tiny", "v3": "v3-tiny", "v32": "v32-tiny"}  # --family: the tiny preset of each family
 FIRST_LAYERS_RATIO = {"flash-tiny": 0}  # compress ratio of layers 0-1 where it is not Pro's 128
 SCALE_DTYPES = {"ue8m0": torch.float8_e8m0fnu, "f32": torch.float32}
 FORMS = ("fp8", "mxfp4")  # how routed experts are stored: the FP8 repack, or DeepSeek's original release
@@ -270,6 +271,8 @@ def model_config(preset: str = "tiny", **overrides) -> dict:
         cfg.update(json.loads(json.dumps(V3_PRESETS[preset])))
         cfg.update(overrides)
         cfg["num_experts_per_tok"] = min(cfg["num_experts_per_tok"], cfg["n_routed_experts"])
+        if cfg["n_routed_experts"] % cfg["n_group"]:  # vLLM's grouped top-k needs whole groups
+            cfg.update(n_group=1, topk_group=1)
         return cfg
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS) + sorted(V3_PRESETS)}")
@@ -909,7 +912,9 @@ Written by nvfp4kit.synthetic so that converters are tested on copying non-tenso
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dst", required=True, help="output folder")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS) + sorted(V3_PRESETS))
+    ap.add_argument("--preset", choices=sorted(PRESETS) + sorted(V3_PRESETS), help="default: tiny (or --family's)")
+    ap.add_argument("--family", choices=sorted(FAMILY_PRESETS),
+                    help="the model family at tiny widths: v4 (tiny), v3 (v3-tiny: V3, R1, V3.1), v32 (v32-tiny)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layers", type=int, help="num_hidden_layers override")
     ap.add_argument("--experts", type=int, help="n_routed_experts override")
@@ -918,12 +923,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="routed experts as FP8 128x128 (the repack, default) or MXFP4 I8 + E8M0 1x32 (the original)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="tensors drawn at a time (default: cores)")
     args = ap.parse_args(argv)
+    if args.family and args.preset and FAMILY_PRESETS[args.family] != args.preset:
+        ap.error(f"--family {args.family} is --preset {FAMILY_PRESETS[args.family]}, not {args.preset}")
+    preset = args.preset or FAMILY_PRESETS.get(args.family, "tiny")
     overrides = {}
     if args.layers is not None:
         overrides["num_hidden_layers"] = args.layers
     if args.experts is not None:
         overrides["n_routed_experts"] = args.experts
-    generate(args.dst, args.preset, args.seed, scale_dtype=args.scale_dtype, jobs=args.jobs, form=args.form,
+    generate(args.dst, preset, args.seed, scale_dtype=args.scale_dtype, jobs=args.jobs, form=args.form,
              **overrides)
 
 

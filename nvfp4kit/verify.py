@@ -78,7 +78,8 @@ from .mxfp4 import dequantize_mxfp4
 from .nvfp4 import NVFP4Tensor, dequantize_nvfp4, reconstruction_error
 from .errors import KitError
 from .plan import ConversionPlan, Options, build_plan
-from .families import table_for
+from .families import family_problems, table_for
+from .hf_model import is_v3 as hf_model_is_v3
 from .rules import Overrides, RuleTable, collapse, fused_group, module_name, rule_for
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec, read_tensor, tensor_bytes
 
@@ -526,6 +527,7 @@ def check_static(ckpt: Checkpoint) -> tuple[CheckResult, Inventory]:
     config_problem = config_file_problem(ckpt.root)
     if config_problem:
         problems.append(config_problem)
+    problems += family_problems(ckpt.config, ckpt.tensors)  # a model the kit has no family for: one line
     if not inv.nvfp4:
         problems.append("no NVFP4 tensor found (no .weight_packed, no uint8 .weight): not an NVFP4 checkpoint")
     parts = [(check_index, (ckpt,)), (check_companions, (ckpt, inv, w4a4)), (check_scale_values, (ckpt, inv, w4a4))]
@@ -902,8 +904,10 @@ def check_numeric(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, rules: d
 # Check 3: one decoder block, FP8 weights vs NVFP4 weights
 # ---------------------------------------------------------------------------------------------------------------
 def default_layer(config: dict) -> int:
-    """The first layer with a learned router (hash layers route by token id, so they test less of the weights)."""
-    return min(int(config.get("num_hash_layers", 0)), int(config["num_hidden_layers"]) - 1)
+    """The first layer with a learned router (V4's hash layers route by token id, so they test less of the
+    weights; V3's first ``first_k_dense_replace`` layers are dense)."""
+    first = config.get("first_k_dense_replace", 0) if hf_model_is_v3(config) else config.get("num_hash_layers", 0)
+    return min(int(first), int(config["num_hidden_layers"]) - 1)
 
 
 def check_block_forward(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, layer: int | None = None,
@@ -916,8 +920,10 @@ def check_block_forward(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, la
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     outputs = {}
     torch.manual_seed(seed)
-    hc, hidden = int(config["hc_mult"]), int(config["hidden_size"])
-    streams = torch.randn(1, tokens, hc, hidden, device=device)
+    hidden = int(config["hidden_size"])
+    # V4 carries hc_mult hidden streams (mHC) between blocks; V3 one hidden state
+    width = (hidden,) if hf_model_is_v3(config) else (int(config["hc_mult"]), hidden)
+    streams = torch.randn(1, tokens, *width, device=device)
     ids = torch.randint(0, int(config["vocab_size"]), (1, tokens), device=device)
     for label, tensors in (("fp8", None), ("nvfp4", decoded_source(ckpt, inv))):
         model = load_dequantized_hf_model(source.root, layers=[layer], tensors=tensors).to(device)
@@ -942,7 +948,7 @@ def check_block_forward(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, la
     out_rel = reconstruction_error(ref, got)["rel_error"]
     delta_rel = reconstruction_error(ref - x, got - x)["rel_error"]
     evidence = [
-        f"layer {layer} ({tokens} tokens, random hidden streams [1, {tokens}, {hc}, {hidden}], seed {seed}, {device}): "
+        f"layer {layer} ({tokens} tokens, random hidden streams {[1, tokens, *width]}, seed {seed}, {device}): "
         f"relative error of the output {out_rel:.3e}, of the block's own contribution {delta_rel:.3e} "
         f"(bound {MAX_BLOCK_REL_ERROR})"
     ]

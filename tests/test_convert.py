@@ -441,3 +441,12 @@ def test_convert_points_the_read_ahead_at_its_reads(tiny_src, tmp_path, monkeypa
     starts = {(f, b) for f, b, _ in tensors}
     assert [(f, b) for f, b, _ in followed] == [r for r in read_starts if r in starts], "the converter's read order"
     assert not ahead._thread.is_alive()
+
+
+def test_pinned_pool_hands_out_the_smallest_buffer_that_fits():
+    from nvfp4kit.convert import PinnedPool
+
+    pool = PinnedPool()
+    sizes = (100, 50, 70)
+    pool.give([torch.empty(n, dtype=torch.uint8) for n in sizes])  # (a CPU machine cannot pin: plain buffers)
+    assert pool.take(60).numel() == 70 and pool.take(10).numel() == 50 and pool.take(100).numel() == 100

@@ -165,3 +165,23 @@ def test_text_set_is_found_and_rendered_through_the_checkpoint(tiny_src, tmp_pat
     text = tmp_path / "plain.txt"
     text.write_text("first paragraph of text\n\nsecond one")
     assert [len(s) for s in token_sequences(tiny_src, str(text), 100)] == [23, 10]
+
+
+def test_bfloat16_runs_as_on_a_gpu_and_mtp_in_a_model_shorter_than_its_hash_layers(tmp_path):
+    """The dtype a GPU run uses (norms and mHC stay float32 in transformers, linears bfloat16), on a 2-layer model
+    (fewer layers than ``num_hash_layers``, as the device's pro-layers checkpoints): a lossless output measures
+    KLD 0, and the MTP block (learned router whatever its index) is measured."""
+    import torch
+
+    from nvfp4kit.convert import Settings, convert
+    from nvfp4kit.fidelity import measure_fidelity
+    from nvfp4kit.plan import Options
+    from nvfp4kit.synthetic import generate
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    generate(src, preset="tiny", seed=3, num_hidden_layers=2, n_routed_experts=4)
+    convert(src, out, Options(), Settings())
+    r = measure_fidelity(out, src, tokens=64, device="cpu", dtype=torch.bfloat16)
+    assert r["problems"] == [] and r["figures"]["kld_mean"] == 0.0 and r["figures"]["top1_agreement"] == 1.0
+    mtp = r["figures"]["mtp"]
+    assert mtp["measured"] and mtp["top1_agreement_source"] == mtp["top1_agreement_output"]

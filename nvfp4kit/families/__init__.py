@@ -33,6 +33,8 @@ class Family:
     config_keys: tuple[str, ...]  # integer config.json fields the structure checks and verify read
     vllm_model: str  # "module:Class" vLLM builds the target model with (its NVIDIA-platform class)
     vllm_mtp_model: str  # "module:Class" of the MTP draft model
+    formats: tuple[str, ...]  # output layouts (``--format``) an engine loads for this family
+    engines: tuple[str, ...]  # ``--engine`` values the kit writes for it
 
     def is_mtp(self, name: str, num_hidden_layers: int) -> bool:
         """Whether a tensor or module belongs to an MTP block (V4 ``mtp.K.``; V3 ``model.layers.{L+K}.``)."""
@@ -84,6 +86,19 @@ def family_problems(config: dict, names) -> list[str]:
         return [f"config.json names {family.title} ({', '.join(family.architectures)}), but no tensor name is "
                 f"{family.title}'s (none matches {family.signature.pattern}){seen}: refused rather than guessed"]
     return []
+
+
+def option_problems(family: Family | None, fmt: str, engine: str) -> list[str]:
+    """``--format`` / ``--engine`` the family has no layout for (V4's own release layout, SGLang's V4 draft)."""
+    if family is None:
+        return []
+    problems = []
+    if fmt not in family.formats:
+        problems.append(f"--format {fmt}: no engine loads {family.title} in this layout; choose one of "
+                        f"{', '.join(family.formats)}")
+    if engine not in family.engines:
+        problems.append(f"--engine {engine}: the kit writes {family.title} for {', '.join(family.engines)} only")
+    return problems
 
 
 def structure_problems(config: dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:

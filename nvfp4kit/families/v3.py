@@ -41,7 +41,7 @@ RULES: tuple[Rule, ...] = (
           "dense layers (first_k_dense_replace) kept FP8 (--quantize 'mlp\\.(gate|up|down)_proj' for NVFP4)"),
     _rule("router", r"mlp\.gate(\.e_score_correction_bias)?", False, True,
           "vLLM builds the router unquantized (GateLinear) and reads the bias as float32"),
-    _rule("attention", r"self_attn\.(q_a_proj|kv_a_proj_with_mqa|q_b_proj|kv_b_proj|o_proj)", False, False,
+    _rule("attention", r"self_attn\.(q_a_proj|kv_a_proj_with_mqa|q_b_proj|q_proj|kv_b_proj|o_proj)", False, False,
           "kept FP8 (NVIDIA's release dequantizes attention to BF16; FP8 keeps it exact)"),
     _rule("mtp_proj", r"eh_proj", False, True, "vLLM builds eh_proj as a plain nn.Linear: BF16 only"),
     _rule("norm", r"(self_attn\.|shared_head\.)?\w*norm", False, True, "norms are unquantized"),
@@ -91,6 +91,9 @@ V3 = Family(
                  "intermediate_size", "first_k_dense_replace", "kv_lora_rank", "qk_rope_head_dim"),
     vllm_model="vllm.model_executor.models.deepseek_v2:DeepseekV3ForCausalLM",
     vllm_mtp_model="vllm.model_executor.models.deepseek_mtp:DeepSeekMTP",
+    # (``nvidia`` is V4's release layout, read by vLLM's DeepseekV4FP8Config only; SGLang: not wired for V3 here)
+    formats=("compressed-tensors", "modelopt"),
+    engines=("vllm",),
 )
 V32 = dataclasses.replace(
     V3,

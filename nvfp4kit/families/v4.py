@@ -27,4 +27,6 @@ V4 = Family(
     config_keys=("num_hidden_layers", "hidden_size", "n_routed_experts", "moe_intermediate_size", "vocab_size"),
     vllm_model="vllm.models.deepseek_v4.nvidia.model:DeepseekV4ForCausalLM",
     vllm_mtp_model="vllm.models.deepseek_v4.nvidia.mtp:DeepSeekV4MTP",
+    formats=("compressed-tensors", "modelopt", "nvidia"),
+    engines=("vllm", "sglang"),
 )

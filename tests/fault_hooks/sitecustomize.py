@@ -76,7 +76,7 @@ POINTS: dict[str, tuple[str, str | None, bool]] = {
 
 
 def _torn_manifest(original):
-    def append(state: str, entry: dict) -> None:
+    def append(state: str, entry: dict, *_rank) -> None:
         import json
 
         line = json.dumps(entry) + "\n"
