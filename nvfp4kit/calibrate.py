@@ -46,11 +46,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
-from .card import write_card
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
-# Path A's pieces Path B shares (the lock and the completeness check are private to convert.py for now).
-from .convert import (LOCK_NAME, STATE_DIR, _check_complete, _exclusive_lock, atomic_write_json, compute_unit,
-                      copy_side_files, peak_rss_bytes, read_unit)
+# Path A's pieces Path B shares: the lock, reading and computing a unit, the finish step.
+from .convert import (LOCK_NAME, STATE_DIR, atomic_write_json, check_apart, compute_unit, copy_side_files,
+                      exclusive_lock, finish_output, peak_rss_bytes, read_unit)
 from .hf_model import dequantized_source
 from .layouts import Layout
 from .manifest import append_entry, intact_entries, read_manifest
@@ -112,8 +111,7 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
     src, dst = os.path.realpath(src), os.path.realpath(dst)
     if options.format != "compressed-tensors":
         raise PathBError("Path B writes compressed-tensors only (llm-compressor's format); use Path A for others")
-    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
-        raise PathBError(f"destination {dst} and source {src} must not contain each other")
+    check_apart(src, dst)
     ckpt = open_checkpoint(src)
     fingerprint = run_fingerprint(ckpt, options, settings)
     check_destination(dst, fingerprint, settings.overwrite)
@@ -128,7 +126,7 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
     work = os.path.realpath(settings.offload_dir or dst.rstrip("/") + ".offload")
     log.info("Path B: %s -> %s, work folder %s", src, dst, work)
     os.makedirs(dst, exist_ok=True)
-    with _exclusive_lock(dst):
+    with exclusive_lock(dst):
         finished = claim_destination(dst, fingerprint, settings.overwrite)
         if finished is not None:
             log.info("%s is already complete (every shard intact by hash): nothing to do", dst)
@@ -709,11 +707,7 @@ def finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dic
            seconds: float) -> dict:
     """Side files, config, report, card, and last the index: only once every planned shard is recorded and on disk
     (Path A's check). Returns the report."""
-    _check_complete(plan, dst, done)
     copy_side_files(ckpt.root, dst)
-    config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-    config["quantization_config"] = plan.quantization_config
-    atomic_write_json(os.path.join(dst, "config.json"), config)
     report = {
         "kit_version": __version__,
         "path": "B (llm-compressor oneshot, NVFP4 W4A4)",
@@ -725,10 +719,7 @@ def finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dic
         "layers": result.layer_log,
         "seconds": round(seconds, 1),
     }
-    atomic_write_json(os.path.join(dst, REPORT_NAME), report)
-    write_card(dst, ckpt.root)  # README.md from the report above (the source's card is README.source.md)
-    index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
-    atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+    finish_output(ckpt, plan, dst, done, report, REPORT_NAME)
     return report
 
 

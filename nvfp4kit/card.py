@@ -112,7 +112,8 @@ def render_card(dst: str, src: str) -> str:
     scheme = "NVFP4 W4A4" if w4a4 else "NVFP4 W4A16 (weight-only)"
     meta = {"base_model": base_model_name(src), "base_model_relation": "quantized", "library_name": "transformers",
             "pipeline_tag": "text-generation",
-            "tags": ["deepseek_v4", "nvfp4", "fp4", layout, "vllm", "nvfp4kit", "w4a4" if w4a4 else "w4a16"]}
+            "tags": [config.get("model_type") or "deepseek", "nvfp4", "fp4", layout, "vllm", "nvfp4kit",
+                     "w4a4" if w4a4 else "w4a16"]}
     if source_meta.get("license"):
         meta["license"] = source_meta["license"]
         for key in ("license_name", "license_link"):

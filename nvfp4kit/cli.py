@@ -11,6 +11,7 @@ from typing import Callable
 
 from .errors import KitError
 from .layouts import ENGINES, FORMATS, default_format
+from .nvfp4 import ScalePolicy
 from .plan import DEFAULT_MAX_SHARD_SIZE, SCALE_POLICIES, Options, parse_size
 from .rules import JOINT_SCALE_CHOICES, Overrides
 
@@ -50,7 +51,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="output layout (default: compressed-tensors, weight-only NVFP4A16 that vLLM loads; "
                         "nvidia with --engine sglang)")
-    p.add_argument("--scale-policy", choices=SCALE_POLICIES, default="auto",
+    p.add_argument("--scale-policy", choices=SCALE_POLICIES, default=ScalePolicy.AUTO.value,
                    help="auto: power-of-two scales where they hold the data exactly (MXFP4-origin experts), "
                         "the reference rule (amax/2688, ModelOpt's bytes) elsewhere; reference: always the latter")
     p.add_argument("--joint-scale", choices=JOINT_SCALE_CHOICES, default="gate-up",

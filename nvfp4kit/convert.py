@@ -44,12 +44,14 @@ from .fp8 import FP8FormatError, check_fp8_block
 from .layouts import Layout, mxfp4_tensors
 from .manifest import HASH, append_entry, file_digest, intact_entries, new_hasher, read_manifest
 from .mxfp4 import MXFP4FormatError
-from .nvfp4 import NVFP4FormatError, NVFP4Tensor, dequantize_nvfp4, quantize_group, reconstruction_error
+from .nvfp4 import (NVFP4FormatError, NVFP4Tensor, ScaleRule, dequantize_nvfp4, quantize_group,
+                    reconstruction_error)
 from .plan import ConversionPlan, Options, Unit, build_plan, load_activation_amax, source_fingerprint
 from .progress import DEFAULT_EVERY_SECONDS, Progress
 from .ranks import Share
 from .readahead import Range, SourceReadAhead
 from .safetensors_io import TensorInfo, encode_header, read_into, tensor_bytes
+from .write import fsync_dir
 from .errors import KitError
 
 log = logging.getLogger("nvfp4kit.convert")
@@ -105,10 +107,7 @@ def convert(
 def _convert(src: str, dst: str, options: Options, settings: Settings, activation_scales: str | None,
              read_ahead: SourceReadAhead | None) -> dict:
     src, dst = os.path.realpath(src), os.path.realpath(dst)
-    if dst == src or dst.startswith(src + os.sep):
-        raise ConvertError(f"destination {dst} is inside the source {src}: choose a folder outside it")
-    if src.startswith(dst + os.sep):
-        raise ConvertError(f"the source {src} is inside the destination {dst}: choose another destination")
+    check_apart(src, dst)
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ConvertError(f"the destination {dst} is a file, not a folder: choose another --dst")
     ckpt = open_checkpoint(src)
@@ -137,7 +136,7 @@ def _convert(src: str, dst: str, options: Options, settings: Settings, activatio
     try:
         with _sigterm_as_interrupt():
             os.makedirs(dst, exist_ok=True)
-            with _exclusive_lock(dst, share):
+            with exclusive_lock(dst, share):
                 state = os.path.join(dst, STATE_DIR)
                 with _setup_lock(dst):  # ranks set up one at a time: the first writes the plan, the others check it
                     done = _prepare_state(dst, state, fingerprint, plan, settings, mine)
@@ -223,7 +222,7 @@ def _fingerprint(ckpt: Checkpoint, plan: ConversionPlan) -> dict:
 
 
 @contextmanager
-def _exclusive_lock(dst: str, share: Share = Share()) -> Iterator[None]:
+def exclusive_lock(dst: str, share: Share = Share()) -> Iterator[None]:
     """Refuse a second run on ``dst`` while one runs: one process holds the destination's lock exclusively; ranks
     share it, each holding its own rank's lock exclusively (two processes of one rank are refused)."""
     locks = [(LOCK_NAME, fcntl.LOCK_EX if share.alone else fcntl.LOCK_SH)]
@@ -371,18 +370,8 @@ def copy_side_files(src: str, dst: str) -> None:
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dict], seconds: float) -> dict:
-    _check_complete(plan, dst, done)
-    config = dict(ckpt.config)
-    config.pop("quantization_config", None)  # the source FP8 config never survives
-    config["quantization_config"] = plan.quantization_config
-    atomic_write_json(os.path.join(dst, "config.json"), config)
-    if plan.hf_quant_config is not None:
-        atomic_write_json(os.path.join(dst, "hf_quant_config.json"), plan.hf_quant_config)
     report = _summarize(ckpt, plan, done, seconds)
-    atomic_write_json(os.path.join(dst, REPORT_NAME), report)
-    write_card(dst, ckpt.root)  # README.md, a side file: no shard or index byte depends on it
-    index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
-    atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+    finish_output(ckpt, plan, dst, done, report, REPORT_NAME)
     log.info(
         "done: %d tensors quantized, %d kept FP8, %d copied; %.2f GB -> %.2f GB (%.1f%%); %.1f s; "
         "SQNR mean %.2f dB, worst %.2f dB (%s); exact-policy tensors: %d; peak host memory per worker %.2f GB",
@@ -394,7 +383,33 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, di
     return report
 
 
-def _check_complete(plan: ConversionPlan, dst: str, done: dict[str, dict]) -> None:
+def finish_output(ckpt: Checkpoint, plan: ConversionPlan, dst: str, done: dict[str, dict], report: dict,
+                  report_name: str) -> None:
+    """The last step of Path A and Path B alike: config.json (the source's, with the output's quantization config
+    in place of the FP8 one), hf_quant_config.json where the layout has one, the report, the model card, and last
+    the index, whose presence means complete: only once every planned shard is recorded and on disk."""
+    check_complete(plan, dst, done)
+    config = dict(ckpt.config)
+    config.pop("quantization_config", None)  # the source FP8 config never survives
+    config["quantization_config"] = plan.quantization_config
+    atomic_write_json(os.path.join(dst, "config.json"), config)
+    if plan.hf_quant_config is not None:
+        atomic_write_json(os.path.join(dst, "hf_quant_config.json"), plan.hf_quant_config)
+    atomic_write_json(os.path.join(dst, report_name), report)
+    write_card(dst, ckpt.root)  # README.md, a side file: no shard or index byte depends on it
+    index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(plan.weight_map().items()))}
+    atomic_write_json(os.path.join(dst, INDEX_NAME), index)  # last: its presence means complete
+
+
+def check_apart(src: str, dst: str) -> None:
+    """Source and destination (real paths) must not contain each other: a rerun would read its own output."""
+    if dst == src or dst.startswith(src + os.sep):
+        raise ConvertError(f"destination {dst} is inside the source {src}: choose a folder outside it")
+    if src.startswith(dst + os.sep):
+        raise ConvertError(f"the source {src} is inside the destination {dst}: choose another destination")
+
+
+def check_complete(plan: ConversionPlan, dst: str, done: dict[str, dict]) -> None:
     """The run is done only when every planned shard is recorded and on disk at its recorded size: nothing else may
     write the index (whatever went wrong before, a missing shard must never look complete)."""
     missing = [s.name for s in plan.shards
@@ -427,7 +442,7 @@ def _summarize(ckpt: Checkpoint, plan: ConversionPlan, done: dict[str, dict], se
         "sqnr_db_mean": sum(finite) / len(finite) if finite else math.inf,
         "sqnr_db_worst": tensors[worst]["sqnr_db"] if worst else math.inf,
         "worst_tensor": worst,
-        "exact_tensors": sum(1 for st in tensors.values() if st["rule"] == "exact"),
+        "exact_tensors": sum(1 for st in tensors.values() if st["rule"] == ScaleRule.EXACT),
         "peak_rss_bytes_per_worker": max((e.get("peak_rss_bytes", 0) for e in done.values()), default=0),
         "cuda_peak_bytes_per_worker": max((e.get("cuda_peak_bytes", 0) for e in done.values()), default=0),
         "tensors": dict(sorted(tensors.items())),
@@ -704,7 +719,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
         os.remove(partial)
         raise KeyboardInterrupt
     os.replace(partial, final)
-    _fsync_dir(job.dst)
+    fsync_dir(job.dst)
     return {"name": shard.name, "size": size, HASH: h.hexdigest(), "seconds": time.time() - started,
             "started_at": started,
             "source_bytes": sum(u.source_bytes for u in units), "tensors": stats,
@@ -721,14 +736,6 @@ def peak_rss_bytes() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool,
@@ -808,12 +815,13 @@ def compute_unit(item: tuple, plan: ConversionPlan, layout: Layout, device: torc
             out = mxfp4_tensors(xs[0].cpu(), unit.modules[0])
         except MXFP4FormatError as e:
             raise ConvertError(str(e)) from e
-        stats[unit.modules[0]] = {"rule": "exact", "format": "MXFP4", "sqnr_db": math.inf, "rel_error": 0.0}
+        stats[unit.modules[0]] = {"rule": ScaleRule.EXACT, "format": "MXFP4", "sqnr_db": math.inf, "rel_error": 0.0}
         return out, unit.source_bytes
     qs, rule = quantize_group(xs, plan.options.scale_policy, [m + ".weight" for m in unit.modules])
     out = []
     for module, x, q in zip(unit.modules, xs, qs):
-        err = reconstruction_error(x, dequantize_nvfp4(q)) if rule != "exact" else {"sqnr_db": math.inf, "rel_error": 0.0}
+        exact = rule is ScaleRule.EXACT
+        err = {"sqnr_db": math.inf, "rel_error": 0.0} if exact else reconstruction_error(x, dequantize_nvfp4(q))
         stats[module] = {"rule": rule, "global_scale": float(q.global_scale), **err}
         cpu = NVFP4Tensor(q.packed.cpu(), q.block_scale.cpu(), q.global_scale.cpu())
         out += layout.nvfp4_tensors(cpu, plan.activation_amax.get(module))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from enum import Enum
 import struct
 from dataclasses import dataclass
 
@@ -335,23 +336,36 @@ def dequantize_nvfp4(t: NVFP4Tensor) -> torch.Tensor:
     return (values * mult.unsqueeze(-1)).view(M, N)
 
 
+class ScalePolicy(str, Enum):
+    """``--scale-policy``: how the scales of a group are chosen."""
+
+    AUTO = "auto"  # power-of-two scales where they hold every tensor of the group exactly, else REFERENCE's rule
+    REFERENCE = "reference"  # ModelOpt's rule: global = joint amax / 2688, reference block scales
+
+
+class ScaleRule(str, Enum):
+    """The rule a group got (per tensor in the report; what verify holds it to)."""
+
+    EXACT = "exact"  # decodes to the source bit for bit
+    REFERENCE = "reference"  # ModelOpt's bytes, an SQNR bound
+
+
 def quantize_group(
-    tensors: list[torch.Tensor], policy: str = "reference", names: list[str] | None = None
-) -> tuple[list[NVFP4Tensor], str]:
+    tensors: list[torch.Tensor], policy: ScalePolicy | str = ScalePolicy.REFERENCE, names: list[str] | None = None
+) -> tuple[list[NVFP4Tensor], ScaleRule]:
     """Quantize tensors that share one global scale (an expert's w1 and w3, which vLLM fuses into one GEMM).
 
-    ``policy``: ``reference`` (global = joint amax / 2688, reference block rule) or ``auto`` (power-of-two scales
-    when they reproduce every tensor of the group exactly, ``reference`` otherwise). Returns the tensors and the
-    rule that was used (``exact`` or ``reference``).
+    ``policy`` (:class:`ScalePolicy`): ``reference`` (global = joint amax / 2688, reference block rule) or ``auto``
+    (power-of-two scales when they reproduce every tensor of the group exactly, ``reference`` otherwise). Returns the
+    tensors and the :class:`ScaleRule` that was used.
     """
-    if policy not in ("reference", "auto"):
-        raise ValueError(f"unknown scale policy {policy!r}")
+    policy = ScalePolicy(policy)  # ValueError for an unknown one
     names = names or [f"<tensor {i}>" for i in range(len(tensors))]
     for x, n in zip(tensors, names):
         check_quantizable(x.shape, n)
     tensors = [x.to(torch.float32) for x in tensors]
     amaxes = [block_amax(x) for x in tensors]
-    if policy == "auto":
+    if policy is ScalePolicy.AUTO:
         gs, block_scales = exact_scales(amaxes)
         out = []
         for x, bs, n in zip(tensors, block_scales, names):
@@ -360,9 +374,10 @@ def quantize_group(
                 break
             out.append(q)
         else:
-            return out, "exact"
+            return out, ScaleRule.EXACT
     gs = global_scale_from_amax(group_amax(amaxes))
-    return [quantize_nvfp4(x, gs, reference_block_scales(a, gs), n) for x, a, n in zip(tensors, amaxes, names)], "reference"
+    return ([quantize_nvfp4(x, gs, reference_block_scales(a, gs), n) for x, a, n in zip(tensors, amaxes, names)],
+            ScaleRule.REFERENCE)
 
 
 def reconstruction_error(reference: torch.Tensor, approx: torch.Tensor) -> dict[str, float]:

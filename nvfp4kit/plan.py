@@ -19,7 +19,7 @@ from . import __version__
 from .checkpoint import Checkpoint, configured_block_size, scale_of, weight_of_scale
 from .decode import FORMS, MXFP4, SOURCE_FORMAT_ERRORS, decoded_shape, form_of, scale_block
 from .layouts import Layout, LayoutError, check_engine, mxfp4_specs, quantization_config, writes_mxfp4
-from .nvfp4 import NVFP4FormatError, check_quantizable
+from .nvfp4 import NVFP4FormatError, ScalePolicy, check_quantizable
 from .families import family_for, option_problems, structure_problems
 from .rules import (V4_TABLE, Action, Overrides, RuleError, RuleTable, decide, fused_group, joint_scale_group,
                     module_name, unknown_tensor_problems)
@@ -27,7 +27,7 @@ from .safetensors_io import TensorSpec
 from .errors import KitError
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-SCALE_POLICIES = ("auto", "reference")
+SCALE_POLICIES = tuple(p.value for p in ScalePolicy)
 
 
 class PlanError(KitError, ValueError):

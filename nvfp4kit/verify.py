@@ -75,7 +75,7 @@ from .fp8 import dequantize_fp8_blocks, infer_block_size
 from .layouts import FP8_BLOCK_WEIGHTS, NVFP4_WEIGHTS, Layout, modelopt_key, mxfp4_specs, runtime_module
 from .decode import dequantize as dequantize_source, form_of
 from .mxfp4 import dequantize_mxfp4
-from .nvfp4 import NVFP4Tensor, dequantize_nvfp4, reconstruction_error
+from .nvfp4 import NVFP4Tensor, ScaleRule, dequantize_nvfp4, reconstruction_error
 from .errors import KitError
 from .plan import ConversionPlan, Options, build_plan
 from .families import family_problems, table_for
@@ -872,7 +872,7 @@ def check_numeric(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, rules: d
             problems.append(f"{module}: cannot be decoded and compared: {_crash(e)}")
             continue
         metrics[module] = {"rule": rules.get(module), **err}
-        if rules.get(module) == "exact":
+        if rules.get(module) == ScaleRule.EXACT:
             if torch.equal(got, ref.to(torch.float32)):
                 exact_ok += 1
             else:

