@@ -565,154 +565,187 @@ def _worker_device(device: str, k: int) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One shard: reader thread -> compute -> writer thread
+# One shard: reader threads -> compute -> writer threads (+ hasher, flusher)
 # ---------------------------------------------------------------------------------------------------------------
 _DONE = object()
+READERS = 2  # threads reading the source (pread releases the GIL): one thread reads 2.5-3 GB/s from the page cache
+WRITERS = 2  # threads writing outputs at their offsets (pwrite): one thread writes 1.6-2 GB/s into tmpfs
+
+
+class _Release:
+    """Gives an item's pool buffers back once both its writer and the hasher are done with its bytes."""
+
+    def __init__(self, buffers: list[torch.Tensor], pool: PinnedPool | None, users: int = 2) -> None:
+        self._buffers, self._pool, self._users = buffers, pool, users
+        self._lock = threading.Lock()
+
+    def done(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last and self._pool is not None and self._buffers:
+            self._pool.give(self._buffers)
 
 
 def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
                      parent_alive: Callable[[], bool] = lambda: True) -> dict:
+    """One output shard: :data:`READERS` threads read the source pieces (each reader every READERS-th piece), this
+    thread computes them in order, :data:`WRITERS` threads write each piece's outputs at its place in the file
+    (known from the plan: ``pwrite``), one thread hashes the bytes in file order, one flushes. Then fsync, and the
+    rename of ``.NAME.partial`` to NAME (never, if the worker's parent is gone)."""
     plan, tensors = job.plan, job.tensors
     units = [plan.units[i] for i in shard.units]
     specs = [o for u in units for o in u.outputs]
     final = os.path.join(job.dst, shard.name)
     partial = os.path.join(job.dst, f".{shard.name}.partial")
     layout = Layout(plan.options.format, w4a4=bool(plan.activation_amax))
+    header = encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__}"})
+    expected = len(header) + sum(s.nbytes for s in specs)
     started = time.time()
     stats: dict[str, dict] = {}
-    reads: queue.Queue = queue.Queue(maxsize=2)
-    writes: queue.Queue = queue.Queue(maxsize=4)
-    failure: list[BaseException] = []
     pin = device.type == "cuda"
     pool = job.pinned_pool() if pin else None
-    # Seconds each stage worked: where the time goes (in the manifest and the benchmark's JSON).
+    pieces = [p for u in units for p in read_pieces(u, tensors)]
+    # Seconds each stage worked, summed over its threads: where the time goes (in the manifest and the benchmark).
     busy = {"read": 0.0, "compute": 0.0, "write": 0.0, "hash": 0.0, "flush": 0.0}
+    lock = threading.Lock()  # busy and the byte counts, shared by the threads
+    failure: list[BaseException] = []
+    stop = threading.Event()  # set when the compute loop ends early: readers stop at their next piece
+    reads = [queue.Queue(maxsize=2) for _ in range(READERS)]
+    writes: queue.Queue = queue.Queue(maxsize=4)
+    hashes: queue.Queue = queue.Queue(maxsize=8)
+    flushes: queue.Queue = queue.Queue(maxsize=1)
+    h = new_hasher()
+    h.update(header)
+    written = {"bytes": len(header), "flushed": 0}
 
-    stop = threading.Event()  # set when the compute loop ends early: the reader stops at its next item
+    def spent(stage: str, t0: float) -> None:
+        with lock:
+            busy[stage] += time.perf_counter() - t0
 
-    held: list[torch.Tensor] = []  # the pool buffers the item being read lives in
-
-    def take(nbytes: int) -> torch.Tensor:
-        held.append(pool.take(nbytes))
-        return held[-1]
-
-    def reader() -> None:
+    def reader(k: int) -> None:
         try:
-            for unit in units:
-                items = read_unit(unit, tensors, pin, take if pool is not None else None)
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    item = next(items, _DONE)
-                    busy["read"] += time.perf_counter() - t0
-                    if item is _DONE:
-                        break
-                    reads.put((item, held[:]))
-                    held.clear()
+            for unit, begin in pieces[k::READERS]:
                 if stop.is_set():
                     break
+                held: list[torch.Tensor] = []
+
+                def take(nbytes: int) -> torch.Tensor:
+                    held.append(pool.take(nbytes))
+                    return held[-1]
+
+                t0 = time.perf_counter()
+                item = read_piece(unit, begin, tensors, pin, take if pool is not None else None)
+                spent("read", t0)
+                reads[k].put((item, _Release(held, pool)))
         except BaseException as e:  # handed to the compute loop, which raises it with the tensor's name
             failure.append(e)
-        reads.put(_DONE)
+        finally:
+            reads[k].put(_DONE)
 
-    h = new_hasher()
-    hashes: queue.Queue = queue.Queue(maxsize=4)
-    size = 0
+    def writer(fd: int) -> None:
+        try:
+            while (got := writes.get()) is not _DONE:
+                views, offset, release = got
+                if not failure:
+                    t0 = time.perf_counter()
+                    for v in views:
+                        _pwrite_all(fd, v, offset)
+                        offset += len(v)
+                    spent("write", t0)
+                release.done()
+                with lock:
+                    written["bytes"] += sum(len(v) for v in views)
+                    flush = written["bytes"] - written["flushed"] >= WRITEBACK_EVERY
+                    if flush:
+                        written["flushed"] = written["bytes"]
+                if flush:
+                    with suppress(queue.Full):  # one request pending is enough: it flushes all there is
+                        flushes.put_nowait(None)
+        except BaseException as e:
+            failure.append(e)
+            while writes.get() is not _DONE:  # drain so the compute loop never blocks
+                pass
 
     def hasher() -> None:
-        while (b := hashes.get()) is not _DONE:
-            if isinstance(b, list):  # an item's buffers, written and now hashed: free for the reader again
-                pool.give(b)
-                continue
-            t0 = time.perf_counter()
-            h.update(b)
-            busy["hash"] += time.perf_counter() - t0
-
-    flushes: queue.Queue = queue.Queue(maxsize=1)
+        try:
+            while (got := hashes.get()) is not _DONE:
+                views, source_bytes, release = got
+                t0 = time.perf_counter()
+                for v in views:
+                    h.update(v)
+                spent("hash", t0)
+                release.done()
+                progress(source_bytes)  # (a parent gone mid-run: the report of it fails here)
+        except BaseException as e:
+            failure.append(e)
+            while hashes.get() is not _DONE:  # drain so the compute loop never blocks
+                pass
 
     def flusher(fd: int) -> None:
-        # Writes back what is written so far while the writer goes on: the disk writes as we read and compute,
-        # not all at the final fsync. (An fdatasync in the writer itself would stall it until the disk caught up.)
+        # Writes back what is written so far while the writers go on: the disk writes as we read and compute,
+        # not all at the final fsync. (An fdatasync in a writer itself would stall it until the disk caught up.)
         while flushes.get() is not _DONE:
             t0 = time.perf_counter()
             try:
                 os.fdatasync(fd)
             except OSError as e:
                 failure.append(e)
-            busy["flush"] += time.perf_counter() - t0
-
-    def writer(f) -> None:
-        nonlocal size
-        flushed = 0
-        helpers = [threading.Thread(target=hasher, daemon=True),
-                   threading.Thread(target=flusher, args=(f.fileno(),), daemon=True)]
-        for t in helpers:
-            t.start()
-        try:
-            while (item := writes.get()) is not _DONE:
-                data, source_bytes, buffers = item
-                for t in data:
-                    b = tensor_bytes(t)
-                    t0 = time.perf_counter()
-                    f.write(b)
-                    busy["write"] += time.perf_counter() - t0
-                    hashes.put(b)  # hashed on its own thread while the next bytes are written
-                    size += len(b)
-                if buffers:
-                    hashes.put(buffers)
-                if size - flushed >= WRITEBACK_EVERY:
-                    f.flush()
-                    with suppress(queue.Full):  # one request pending is enough: it flushes all there is
-                        flushes.put_nowait(None)
-                    flushed = size
-                progress(source_bytes)
-        except BaseException as e:
-            failure.append(e)
-            while writes.get() is not _DONE:  # drain so the compute loop never blocks
-                pass
-        finally:
-            hashes.put(_DONE)
-            flushes.put(_DONE)
-            for t in helpers:
-                t.join()
+            spent("flush", t0)
 
     try:
-        with open(partial, "wb") as f:
-            header = encode_header(specs, {"format": "pt", "producer": f"nvfp4kit {__version__}"})
-            f.write(header)
-            h.update(header)
-            size += len(header)
-            threads = [threading.Thread(target=reader, daemon=True),
-                       threading.Thread(target=writer, args=(f,), daemon=True)]
-            for t in threads:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(fd, header, 0)
+            readers = [threading.Thread(target=reader, args=(k,), daemon=True) for k in range(READERS)]
+            writers = [threading.Thread(target=writer, args=(fd,), daemon=True) for _ in range(WRITERS)]
+            others = [threading.Thread(target=hasher, daemon=True),
+                      threading.Thread(target=flusher, args=(fd,), daemon=True)]
+            for t in readers + writers + others:
                 t.start()
-            item = None
             try:
-                while (item := reads.get()) is not _DONE and not failure:
+                offset = len(header)
+                for i in range(len(pieces)):
+                    got = reads[i % READERS].get()
+                    if got is _DONE or failure:
+                        break
+                    item, release = got
                     t0 = time.perf_counter()
-                    out, source_bytes = compute_unit(item[0], plan, layout, device, stats)
-                    busy["compute"] += time.perf_counter() - t0
-                    writes.put((out, source_bytes, item[1]))  # the item's buffers go back once written and hashed
+                    out, source_bytes = compute_unit(item, plan, layout, device, stats)
+                    spent("compute", t0)
+                    views = [tensor_bytes(t) for t in out]
+                    writes.put((views, offset, release))
+                    hashes.put((views, source_bytes, release))  # in file order, as the hash needs them
+                    offset += sum(len(v) for v in views)
             finally:
                 # Every thread is joined, also after an error or Ctrl-C: a thread still inside torch when the
                 # interpreter exits can abort the process ("terminate called without an active exception").
                 stop.set()
-                while item is not _DONE:
-                    item = reads.get()
-                threads[0].join()
-                writes.put(_DONE)
-                threads[1].join()
+                for q in reads:  # unblock the readers; each ends with one _DONE
+                    while q.get() is not _DONE:
+                        pass
+                for t in readers:
+                    t.join()
+                for _ in writers:
+                    writes.put(_DONE)
+                hashes.put(_DONE)
+                for t in writers + others[:1]:
+                    t.join()
+                flushes.put(_DONE)
+                others[1].join()
             if failure:
                 raise failure[0]
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException as e:
         if os.path.exists(partial):
             os.remove(partial)  # never leave a half-written shard behind
         if isinstance(e, OSError):
             raise _io_failure(final, e) from e
         raise
-    expected = len(header) + sum(s.nbytes for s in specs)
-    if size != expected:
+    size = written["bytes"]
+    if size != expected or os.path.getsize(partial) != expected:
         os.remove(partial)
         raise ConvertError(f"{shard.name}: wrote {size} bytes, expected {expected}")
     if not parent_alive():  # an orphan: a rerun may own this destination now
@@ -728,6 +761,13 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
 
 
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: VmHWM, which starts afresh at exec. (``ru_maxrss`` does not: a
     converter started by a large process would report that process's peak.)"""
@@ -738,9 +778,18 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
-def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool,
-              alloc: Callable[[int], torch.Tensor] | None = None) -> Iterator[tuple]:
-    """Items for the compute loop: a whole unit, or a copied tensor in chunks of :data:`COPY_CHUNK` bytes.
+def read_pieces(unit: Unit, tensors: dict[str, TensorInfo]) -> list[tuple[Unit, int | None]]:
+    """The pieces ``unit`` is read in: the whole unit (``None``), or each :data:`COPY_CHUNK` of a copied tensor (its
+    first byte), so that a 1.85 GB embedding is never in memory whole."""
+    if unit.kind != "copy":
+        return [(unit, None)]
+    info = tensors[unit.sources[0]]
+    return [(unit, b) for b in (range(info.begin, info.end, COPY_CHUNK) if info.nbytes else [info.begin])]
+
+
+def read_piece(unit: Unit, begin: int | None, tensors: dict[str, TensorInfo], pin: bool,
+               alloc: Callable[[int], torch.Tensor] | None = None) -> tuple:
+    """One item for :func:`compute_unit`: the whole unit, or the copied tensor's chunk that starts at ``begin``.
 
     ``alloc(nbytes)`` gives the uint8 buffer each tensor is read into (a :class:`PinnedPool`'s, reused); by default
     a new one, pinned if ``pin``.
@@ -748,23 +797,23 @@ def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool,
     alloc = alloc or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=pin))
     if unit.kind == "copy":
         info = tensors[unit.sources[0]]
-        fd = os.open(info.file, os.O_RDONLY)
-        try:
-            for begin in range(info.begin, info.end, COPY_CHUNK) if info.nbytes else [info.begin]:
-                n = min(COPY_CHUNK, info.end - begin)
-                chunk = alloc(n)[:n]
-                read_into(TensorInfo(info.name, info.file, "U8", (n,), begin, begin + n), chunk, fd)
-                yield ("copy", unit, (info.dtype, chunk))
-        finally:
-            os.close(fd)
-        return
+        n = min(COPY_CHUNK, info.end - begin)
+        chunk = alloc(n)[:n]
+        read_into(TensorInfo(info.name, info.file, "U8", (n,), begin, begin + n), chunk)
+        return ("copy", unit, (info.dtype, chunk))
     loaded = []
     for name in unit.sources:
         info = tensors[name]
         t = alloc(info.nbytes)[: info.nbytes].view(info.torch_dtype).view(info.shape)
         read_into(info, t)
         loaded.append(t)
-    yield (unit.kind, unit, loaded)
+    return (unit.kind, unit, loaded)
+
+
+def read_unit(unit: Unit, tensors: dict[str, TensorInfo], pin: bool) -> Iterator[tuple]:
+    """A unit's items for :func:`compute_unit`, one piece after another."""
+    for _, begin in read_pieces(unit, tensors):
+        yield read_piece(unit, begin, tensors, pin)
 
 
 class PinnedPool:

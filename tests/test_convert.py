@@ -18,7 +18,7 @@ from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
 from nvfp4kit.convert import ConvertError, Settings, convert
 from nvfp4kit.hf_model import dequantized_source
 from nvfp4kit.nvfp4 import NVFP4Tensor, dequantize_nvfp4
-from nvfp4kit.plan import Options, PlanError
+from nvfp4kit.plan import Options, PlanError, build_plan
 from nvfp4kit.safetensors_io import read_tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -439,7 +439,13 @@ def test_convert_points_the_read_ahead_at_its_reads(tiny_src, tmp_path, monkeypa
     tensors = [(t.file, t.begin, t.end) for t in open_checkpoint(tiny_src).tensors.values()]
     assert sorted(followed) == sorted(tensors)
     starts = {(f, b) for f, b, _ in tensors}
-    assert [(f, b) for f, b, _ in followed] == [r for r in read_starts if r in starts], "the converter's read order"
+    ckpt = open_checkpoint(tiny_src)
+    plan = build_plan(ckpt, Options())
+    order = [(ckpt.tensors[n].file, ckpt.tensors[n].begin) for s in plan.shards for i in s.units
+             for n in plan.units[i].sources]
+    # (the readers run in parallel threads, so the reads happen in about this order, each exactly once)
+    assert [(f, b) for f, b, _ in followed] == order, "the readahead follows the plan's read order"
+    assert sorted(r for r in read_starts if r in starts) == sorted(order)
     assert not ahead._thread.is_alive()
 
 
