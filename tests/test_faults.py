@@ -368,11 +368,11 @@ def test_a_signal_to_the_group_while_workers_start(mini_src, reference, sig, del
     resume_and_compare(mini_src, dst, reference)
 
 
-@pytest.mark.parametrize("delay", [0.2, 2.0])
-def test_the_parent_killed_outright_leaves_no_worker_behind(mini_src, reference, delay, tmp_path):
+@pytest.mark.parametrize("when", [r"worker 1 started", r"wrote model-00002"], ids=["starting", "mid-run"])
+def test_the_parent_killed_outright_leaves_no_worker_behind(mini_src, reference, when, tmp_path):
     """kill -9 of the converter alone: its workers stop (they rename nothing more) instead of running on."""
     dst = str(tmp_path / "out")
-    killed = signal_when(mini_src, dst, r"worker 1 started", delay, lambda p: os.kill(p.pid, signal.SIGKILL))
+    killed = signal_when(mini_src, dst, when, 0.2, lambda p: os.kill(p.pid, signal.SIGKILL))
     assert killed.returncode == -signal.SIGKILL
     assert_processes_gone(worker_pids(killed.stderr))
     shards = sorted(n for n in os.listdir(dst) if n.endswith(".safetensors"))
