@@ -266,6 +266,21 @@ def test_kill_at_a_fault_point_then_rerun_gives_identical_bytes(mini_src, refere
     resume_and_compare(mini_src, dst, reference)
 
 
+@pytest.mark.parametrize("point, workers", [("shard_renamed", 1), ("compute", 2)])
+def test_original_release_killed_and_resumed_gives_the_fp8_forms_bytes(mini_src, reference, point, workers,
+                                                                        tmp_path):
+    """The same model stored as DeepSeek's original release (MXFP4 experts): killed, rerun, and the output is the
+    uninterrupted run's of the FP8 form, byte for byte."""
+    src = str(tmp_path / "original")
+    generate(src, preset="tiny", seed=0, form="mxfp4", **MINI)
+    dst = str(tmp_path / "out")
+    killed = convert_cli(src, dst, workers=workers, fault=f"{point}:3:kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert_group_gone(killed.pgid)
+    assert not os.path.exists(os.path.join(dst, INDEX_NAME))
+    resume_and_compare(src, dst, reference)
+
+
 def test_torn_manifest_line_is_redone(mini_src, reference, tmp_path):
     dst = str(tmp_path / "out")
     killed = convert_cli(mini_src, dst, fault="manifest:3:torn")

