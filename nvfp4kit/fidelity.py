@@ -302,14 +302,15 @@ def _release(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = DEFAULT_TOKENS,
                      device: str | None = None, dtype: torch.dtype | None = None, mtp: bool = True,
-                     serve_w4a4: bool | None = None) -> dict:
+                     quantize_activations: bool | None = None) -> dict:
     """Teacher-forced comparison of ``dst`` (the output) with ``src`` (the FP8 source); see the module docstring.
 
     Returns ``{"figures": {...}, "problems": [...], "evidence": [...]}`` with the figures named in the module
     docstring plus ``tokens``, ``sequences``, ``w4a4``, ``seconds_per_block`` and ``peak_gpu_gb`` (None on CPU).
     ``device`` defaults to CUDA when present; ``dtype`` to bfloat16 there (a V4 Pro block must fit next to the
     other weight set's streams) and float32 on the CPU. Both weight sets always run in the same dtype, so a tensor
-    the output holds exactly contributes no difference. ``serve_w4a4``: None serves the output as its config says
+    the output holds exactly contributes no difference. ``quantize_activations``: None serves the output as its
+    config says
     (W4A4: activations quantized with its input scales); False serves the same weights W4A16, which shows what
     W4A4 costs on top.
     """
@@ -324,7 +325,7 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     from .hf_model import dequantized_source
 
     inv = take_inventory(out_ckpt)
-    w4a4 = bool(config_w4a4(quant_config(out_ckpt))) if serve_w4a4 is None else serve_w4a4
+    w4a4 = bool(config_w4a4(quant_config(out_ckpt))) if quantize_activations is None else quantize_activations
     amax = stored_input_amax(out_ckpt, inv) if w4a4 else {}
     sides = {"source": dequantized_source(src_ckpt), "output": decoded_source(out_ckpt, inv)}
     data = data or default_data()

@@ -100,7 +100,7 @@ def test_w4a4_output_costs_more_fidelity_than_its_weights_served_w4a16(runs, tin
     from nvfp4kit.fidelity import measure_fidelity
 
     a4 = measure_fidelity(runs["b"], tiny_src, tokens=64, mtp=False)["figures"]
-    a16 = measure_fidelity(runs["b"], tiny_src, tokens=64, mtp=False, serve_w4a4=False)["figures"]
+    a16 = measure_fidelity(runs["b"], tiny_src, tokens=64, mtp=False, quantize_activations=False)["figures"]
     assert a4["w4a4"] and not a16["w4a4"]
     assert a4["kld_mean"] > a16["kld_mean"] > 0, (a4["kld_mean"], a16["kld_mean"])
 
