@@ -21,7 +21,6 @@ import torch
 from .errors import KitError
 from .nvfp4 import cast_to_e2m1_exactly, e2m1_to_float, pack_e2m1, unpack_e2m1
 from .safetensors_io import DTYPE_NAMES
-from .errors import KitError
 
 MX_BLOCK = 32  # elements per scale, along the input dimension
 SCALE_BLOCK = (1, MX_BLOCK)  # the scale block as (rows, columns), the form the plan records for every source weight

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .engine_venv import REPO_ROOT, EngineVenv, find_python, run_probe, too_big_for_memory
+from .engine_venv import REPO_ROOT, EngineVenv, find_python, run_probe, too_big_for_memory  # noqa: F401 (REPO_ROOT: tests)
 from .engine_venv import _checkpoint_bytes  # noqa: F401 - a module attribute here, so tests can replace it
 
 VLLM_VENV = EngineVenv(

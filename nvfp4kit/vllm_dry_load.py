@@ -444,7 +444,6 @@ def load_every_tensor(view: CheckpointView, target, mtp, report: DryLoadReport, 
     batches = load_batches(view.tensors)
     try:
         for name in sorted(batches, key=natural_key):
-            info = view.tensors[name]
             model = mtp if family.is_mtp(name, int(view.config["num_hidden_layers"])) else target
             if model is None:
                 report.unmatched_tensors.append(f"{name}: the config declares no MTP layer (num_nextn_predict_layers)")
