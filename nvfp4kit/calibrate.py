@@ -50,6 +50,7 @@ from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 # Path A's pieces Path B shares: the lock, reading and computing a unit, the finish step.
 from .convert import (LOCK_NAME, STATE_DIR, atomic_write_json, check_apart, compute_unit, copy_side_files,
                       exclusive_lock, finish_output, peak_rss_bytes, read_unit)
+from .families import family_for
 from .hf_model import dequantized_source
 from .layouts import Layout
 from .manifest import append_entry, intact_entries, read_manifest
@@ -113,6 +114,11 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
         raise PathBError("Path B writes compressed-tensors only (llm-compressor's format); use Path A for others")
     check_apart(src, dst)
     ckpt = open_checkpoint(src)
+    family = family_for(ckpt.config)
+    if family is not None and family.name != "deepseek_v4":
+        # Staging, the calibration model and the ignore list are V4's (transformers' DeepseekV4): never half a run.
+        raise PathBError(f"{src}: {family.title} checkpoints convert with Path A (fp8_to_nvfp4_streaming.py); "
+                         "Path B (calibrated W4A4) supports DeepSeek V4 only so far")
     fingerprint = run_fingerprint(ckpt, options, settings)
     check_destination(dst, fingerprint, settings.overwrite)
     weight_only = build_plan(ckpt, options)  # fails early, listing every problem, before hours of work

@@ -377,3 +377,20 @@ def test_shard_writer_records_what_is_on_disk_and_leaves_nothing_on_failure(tmp_
     with pytest.raises(ShardWriteError, match="wrote"):
         write_shard(str(tmp_path), "u.safetensors", specs, iter([tensors["a"]]))
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors"]
+
+
+def test_a_v3_checkpoint_is_refused_in_one_line_before_any_work(tmp_path):
+    """Path B's staging and calibration model are V4's: another family is refused up front, naming Path A."""
+    import subprocess
+    import sys
+
+    src, dst = str(tmp_path / "v3"), str(tmp_path / "out")
+    from nvfp4kit.synthetic import generate
+
+    generate(src, preset="v3-tiny")
+    data = write_jsonl(str(tmp_path / "calib.jsonl"))
+    run = subprocess.run([sys.executable, "quantize_llmcompressor.py", "--src", src, "--dst", dst,
+                          "--num-samples", "2", "--max-seq-len", "16", "--dataset", data],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "DeepSeek V3 checkpoints convert with Path A" in run.stderr and not os.path.exists(dst)
