@@ -611,6 +611,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
     lock = threading.Lock()  # busy and the byte counts, shared by the threads
     failure: list[BaseException] = []
     stop = threading.Event()  # set when the compute loop ends early: readers stop at their next piece
+    closing = threading.Event()  # set once nothing more is queued: consumers end when their queue is empty
     reads = [queue.Queue(maxsize=2) for _ in range(READERS)]
     writes: queue.Queue = queue.Queue(maxsize=4)
     hashes: queue.Queue = queue.Queue(maxsize=8)
@@ -645,8 +646,7 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
 
     def writer(fd: int) -> None:
         try:
-            while (got := writes.get()) is not _DONE:
-                views, offset, release = got
+            for views, offset, release in _items(writes, closing):
                 if not failure:
                     t0 = time.perf_counter()
                     for v in views:
@@ -664,13 +664,12 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
                         flushes.put_nowait(None)
         except BaseException as e:
             failure.append(e)
-            while writes.get() is not _DONE:  # drain so the compute loop never blocks
+            for _ in _items(writes, closing):  # drain so the compute loop never blocks
                 pass
 
     def hasher() -> None:
         try:
-            while (got := hashes.get()) is not _DONE:
-                views, source_bytes, release = got
+            for views, source_bytes, release in _items(hashes, closing):
                 t0 = time.perf_counter()
                 for v in views:
                     h.update(v)
@@ -679,13 +678,13 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
                 progress(source_bytes)  # (a parent gone mid-run: the report of it fails here)
         except BaseException as e:
             failure.append(e)
-            while hashes.get() is not _DONE:  # drain so the compute loop never blocks
+            for _ in _items(hashes, closing):  # drain so the compute loop never blocks
                 pass
 
     def flusher(fd: int) -> None:
         # Writes back what is written so far while the writers go on: the disk writes as we read and compute,
         # not all at the final fsync. (An fdatasync in a writer itself would stall it until the disk caught up.)
-        while flushes.get() is not _DONE:
+        for _ in _items(flushes, closing):
             t0 = time.perf_counter()
             try:
                 os.fdatasync(fd)
@@ -720,15 +719,19 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
             finally:
                 # Every thread is joined, also after an error or Ctrl-C: a thread still inside torch when the
                 # interpreter exits can abort the process ("terminate called without an active exception").
+                # No step waits on a sentinel alone: a signal landing inside a queue operation of this thread
+                # can lose an item or a wake-up, so producers are drained while alive and consumers also stop
+                # on ``closing`` once their queue is empty.
                 stop.set()
-                for q in reads:  # unblock the readers; each ends with one _DONE
-                    while q.get() is not _DONE:
-                        pass
-                for t in readers:
+                for q, t in zip(reads, readers):
+                    while t.is_alive():
+                        with suppress(queue.Empty):
+                            q.get(timeout=0.1)
                     t.join()
                 for _ in writers:
                     writes.put(_DONE)
                 hashes.put(_DONE)
+                closing.set()
                 for t in writers + others[:1]:
                     t.join()
                 flushes.put(_DONE)
@@ -759,6 +762,20 @@ def _write_one_shard(job: _WorkerJob, shard, device: torch.device, progress,
             "busy_seconds": {k: round(v, 3) for k, v in busy.items()},
             "peak_rss_bytes": peak_rss_bytes(),
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
+
+
+def _items(q: queue.Queue, closing: threading.Event) -> Iterator:
+    """A consumer thread's items: until ``_DONE``, or until ``closing`` is set and ``q`` is empty."""
+    while True:
+        try:
+            item = q.get(timeout=0.1)
+        except queue.Empty:
+            if closing.is_set():
+                return
+            continue
+        if item is _DONE:
+            return
+        yield item
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

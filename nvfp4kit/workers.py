@@ -21,6 +21,7 @@ idle; the worker answers on its stdout, one JSON event per line: ``progress`` (s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -99,7 +100,7 @@ def run_pool(job: object, shard_names: list[str], workers: int, state_dir: str,
             raise WorkerFailed(f"{len(todo)} shards were never written (every worker exited)")
     finally:
         sel.close()
-        _stop(pool)
+        _stop(pool, os.path.dirname(state_dir))
 
 
 def _start(job_path: str, k: int) -> subprocess.Popen:
@@ -152,9 +153,9 @@ def _check_exit(w: _Worker) -> None:
     raise WorkerFailed(f"worker {w.k} (pid {w.proc.pid}) exited with code {code}{doing}")
 
 
-def _stop(pool: list[_Worker]) -> None:
+def _stop(pool: list[_Worker], dst: str) -> None:
     """Every worker ends, on every path: SIGTERM to those still running (each removes its partial file), SIGKILL
-    to any still alive after :data:`STOP_GRACE_SECONDS`."""
+    to any still alive after :data:`STOP_GRACE_SECONDS` (its partial file is removed here)."""
     for w in pool:
         for pipe in (w.proc.stdin, w.proc.stdout):
             try:
@@ -170,6 +171,9 @@ def _stop(pool: list[_Worker]) -> None:
         except subprocess.TimeoutExpired:
             w.proc.kill()
             w.proc.wait()
+            if w.shard:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(dst, f".{w.shard}.partial"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
