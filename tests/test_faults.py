@@ -227,6 +227,8 @@ CI_KILLS = [
     ("index", 1, 1),
     ("index_renamed", 1, 1),
 ]
+# Points reached in the worker processes (the others in the converter's own process).
+WORKER_POINTS = {"compute", "tensor_written", "shard_complete", "shard_renamed"}
 # How often a run reaches each point (upper bounds for the soak's draws).
 REACHED = {"plan_written": 1, "side_file": 7, "compute": 12, "tensor_written": 170, "shard_complete": 8,
            "shard_renamed": 8, "manifest": 8, "config": 1, "index": 1, "index_renamed": 1}
@@ -238,8 +240,11 @@ def pytest_generate_tests(metafunc) -> None:
     if "kill_point" in metafunc.fixturenames:
         cases = CI_KILLS
         if soak:
-            cases = [(point, n, 1 + n % 2) for point in POINTS
-                     for n in sorted(rng.sample(range(1, REACHED[point] + 1), min(soak, REACHED[point])))]
+            # With 2 workers each worker reaches a worker-side point about half as often, and a fault fires at the
+            # N-th time one process reaches it: the busier worker reaches at least half, rounded up.
+            cases = [(point, -(-n // 2) if w == 2 and point in WORKER_POINTS else n, w) for point in POINTS
+                     for n in sorted(rng.sample(range(1, REACHED[point] + 1), min(soak, REACHED[point])))
+                     for w in [1 + n % 2]]
         metafunc.parametrize("kill_point", cases, ids=[f"{p}-{n}-w{w}" for p, n, w in cases])
     if "random_kill" in metafunc.fixturenames:
         draws = [round(rng.uniform(0.05, 1.0), 3) for _ in range(soak or 2)]
