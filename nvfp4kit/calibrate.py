@@ -53,7 +53,7 @@ from .convert import (LOCK_NAME, STATE_DIR, atomic_write_json, check_apart, comp
 from .families import family_for
 from .hf_model import dequantized_source
 from .layouts import Layout
-from .manifest import append_entry, intact_entries, read_manifest
+from .manifest import append_entry, intact_entries, intact_shards, read_manifest
 from .nvfp4 import GLOBAL_SCALE_DIVISOR
 from .plan import ConversionPlan, Options, build_plan, source_fingerprint
 from .rules import Action, is_mtp, joint_scale_group, module_name
@@ -270,13 +270,7 @@ def finished_shards(folder: str, state: str, names: list[str], by_hash: bool) ->
     for name in os.listdir(folder):
         if name.startswith(".") and name.endswith(".partial"):
             os.remove(os.path.join(folder, name))
-    wanted = set(names)
-    recorded = [e for e in read_manifest(state).values() if e["name"] in wanted]
-    ok = intact_entries(folder, recorded, by_hash)
-    for e, good in zip(recorded, ok):
-        if not good:
-            log.warning("shard %s is missing, truncated or corrupt: it will be written again", e["name"])
-    return {e["name"]: e for e, good in zip(recorded, ok) if good}
+    return intact_shards(folder, state, names, by_hash)
 
 
 def _stage(what: str, started: float) -> None:

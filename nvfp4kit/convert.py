@@ -42,7 +42,7 @@ from .card import CARD_NAME, SOURCE_CARD_NAME, write_card
 from .decode import dequantize as dequantize_source
 from .fp8 import FP8FormatError, check_fp8_block
 from .layouts import Layout, mxfp4_tensors
-from .manifest import HASH, append_entry, file_digest, intact_entries, new_hasher, read_manifest
+from .manifest import HASH, append_entry, file_digest, intact_shards, new_hasher, read_manifest
 from .mxfp4 import MXFP4FormatError
 from .nvfp4 import (NVFP4FormatError, NVFP4Tensor, ScaleRule, dequantize_nvfp4, quantize_group,
                     reconstruction_error)
@@ -52,7 +52,7 @@ from .ranks import Share
 from .readahead import Range, SourceReadAhead
 from .safetensors_io import TensorInfo, encode_header, read_into, tensor_bytes
 from .write import fsync_dir
-from .errors import KitError
+from .errors import KitError, few
 
 log = logging.getLogger("nvfp4kit.convert")
 
@@ -169,7 +169,7 @@ def _finish_if_complete(ckpt: Checkpoint, plan: ConversionPlan, dst: str, share:
     waiting = [s.name for s in plan.shards if s.name not in done]
     if waiting:
         log.info("rank %d finished its share; %d shards of other ranks are not written yet (%s): the last rank to "
-                 "finish writes the index", share.rank, len(waiting), _few(waiting))
+                 "finish writes the index", share.rank, len(waiting), few(waiting))
         return {"complete": False, "waiting_for": waiting}
     log.info("rank %d is the last to finish: writing config, card, report and index", share.rank)
     return _finish(ckpt, plan, dst, done, seconds)
@@ -291,17 +291,11 @@ def _prepare_state(dst: str, state: str, fingerprint: dict, plan: ConversionPlan
     # A destination with an index is complete only if it is this run's; a resume rewrites it at the end.
     if os.path.exists(os.path.join(dst, INDEX_NAME)):
         os.remove(os.path.join(dst, INDEX_NAME))
-    planned = {s.name for s in mine}
-    recorded = [e for e in read_manifest(state).values() if e["name"] in planned]
     started = time.time()
-    ok = intact_entries(dst, recorded, by_hash=settings.verify_resume)
-    intact = {e["name"]: e for e, good in zip(recorded, ok) if good}
-    for e, good in zip(recorded, ok):
-        if not good:
-            log.warning("shard %s is missing, truncated or corrupt: it will be written again", e["name"])
-    if recorded:
+    intact = intact_shards(dst, state, [s.name for s in mine], by_hash=settings.verify_resume)
+    if intact:
         nbytes = sum(e["size"] for e in intact.values())
-        log.info("checked %d finished shards (%.2f GB) %s in %.1f s", len(recorded), nbytes / 1e9,
+        log.info("checked %d finished shards (%.2f GB) %s in %.1f s", len(intact), nbytes / 1e9,
                  "by hash" if settings.verify_resume else "by size", time.time() - started)
     # A killed run's unfinished files (this process's shards, side files): never trusted. Another rank's partial
     # shard may be in the middle of being written.
@@ -416,12 +410,8 @@ def check_complete(plan: ConversionPlan, dst: str, done: dict[str, dict]) -> Non
                if s.name not in done or not os.path.isfile(os.path.join(dst, s.name))
                or os.path.getsize(os.path.join(dst, s.name)) != done[s.name]["size"]]
     if missing:
-        raise ConvertError(f"{len(missing)} of {len(plan.shards)} planned shards are not written ({_few(missing)}); "
+        raise ConvertError(f"{len(missing)} of {len(plan.shards)} planned shards are not written ({few(missing)}); "
                            "rerun the same command to resume")
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _summarize(ckpt: Checkpoint, plan: ConversionPlan, done: dict[str, dict], seconds: float) -> dict:
@@ -469,12 +459,12 @@ def _read_order(ckpt: Checkpoint, plan: ConversionPlan, todo: list) -> list[Rang
 
 
 def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, settings: Settings,
-                  read_ahead: SourceReadAhead | None) -> dict[str, dict]:
+                  read_ahead: SourceReadAhead | None) -> None:
+    """Write the shards ``todo``, each recorded in the manifest as it is done (the finish step reads it back)."""
     state = os.path.join(dst, STATE_DIR)
     total = sum(plan.units[i].source_bytes for s in todo for i in s.units)
-    done: dict[str, dict] = {}
     if not todo:
-        return done
+        return
     workers = max(1, min(settings.workers, len(todo)))
     job = _WorkerJob(ckpt.tensors, plan, dst, settings.device, max(1, (os.cpu_count() or 1) // workers),
                      settings.first_gpu)
@@ -487,17 +477,15 @@ def _write_shards(ckpt: Checkpoint, plan: ConversionPlan, todo: list, dst: str, 
 
         def record(entry: dict) -> None:
             _append_manifest(state, entry, None if settings.share.alone else settings.share.rank)
-            done[entry["name"]] = entry
             bar.shard_done()
             log.info("wrote %s: %.2f GB in %.1f s (%.2f GB/s of source), worker %d, %d/%d shards", entry["name"],
                      entry["size"] / 1e9, entry["seconds"], entry["source_bytes"] / max(entry["seconds"], 1e-9) / 1e9,
-                     entry["worker"], len(done), len(todo))
+                     entry["worker"], bar.done_shards, len(todo))
 
         if workers == 1:
             _write_here(job, todo, progress, record)
         else:
             _write_in_workers(job, todo, workers, progress, record)
-    return done
 
 
 def _write_here(job: _WorkerJob, todo: list, progress, record) -> None:

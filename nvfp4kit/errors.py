@@ -8,3 +8,9 @@ escapes is a bug of the kit, and its traceback is what a maintainer needs.
 
 class KitError(Exception):
     """A problem for the user to fix, said in one message."""
+
+
+def few(items, n: int = 3) -> str:
+    """The first ``n`` of ``items`` (sorted), and how many more: a message names a few, never thousands."""
+    items = sorted(items)
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

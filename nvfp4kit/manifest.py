@@ -16,10 +16,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
+
+log = logging.getLogger("nvfp4kit.manifest")
 
 HASH = "xxh3_128"
 READ_SIZE = 16 * 2**20
@@ -93,3 +96,15 @@ def intact_entries(dst: str, entries: list[dict], by_hash: bool, threads: int = 
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(entries)))) as pool:
         return list(pool.map(lambda e: is_intact(dst, e, by_hash), entries))
+
+
+def intact_shards(folder: str, state: str, names, by_hash: bool) -> dict[str, dict]:
+    """Manifest entries (in ``state``) of the shards ``names`` that are in ``folder`` intact (:func:`is_intact`);
+    each recorded one that is not is named in a warning: it will be written again."""
+    wanted = set(names)
+    recorded = [e for e in read_manifest(state).values() if e["name"] in wanted]
+    ok = intact_entries(folder, recorded, by_hash)
+    for e, good in zip(recorded, ok):
+        if not good:
+            log.warning("shard %s is missing, truncated or corrupt: it will be written again", e["name"])
+    return {e["name"]: e for e, good in zip(recorded, ok) if good}

@@ -76,7 +76,7 @@ from .layouts import FP8_BLOCK_WEIGHTS, NVFP4_WEIGHTS, Layout, modelopt_key, mxf
 from .decode import dequantize as dequantize_source, form_of
 from .mxfp4 import dequantize_mxfp4
 from .nvfp4 import NVFP4Tensor, ScaleRule, dequantize_nvfp4, reconstruction_error
-from .errors import KitError
+from .errors import KitError, few
 from .plan import ConversionPlan, Options, build_plan
 from .families import family_problems, table_for
 from .hf_model import is_v3 as hf_model_is_v3
@@ -381,7 +381,7 @@ def check_config(ckpt: Checkpoint, inv: Inventory) -> tuple[list[str], list[str]
     if declared is None:
         return [], [f"config.json quantization_config is a source FP8 or unknown config (quant_method "
                     f"{qcfg.get('quant_method')!r}, no moe_quant_algo): vLLM would build the NVFP4 modules "
-                    f"{_few(inv.nvfp4)} as FP8"]
+                    f"{few(inv.nvfp4)} as FP8"]
     problems: list[str] = []
     if declared != inv.format:
         problems.append(f"config declares {declared} but the tensors are in the {inv.format} layout")
@@ -392,11 +392,6 @@ def check_config(ckpt: Checkpoint, inv: Inventory) -> tuple[list[str], list[str]
     describe = {"compressed-tensors": _ct_describes, "modelopt": _modelopt_describes, "nvidia": _nvidia_describes}
     evidence, more = describe[declared](ckpt, inv, qcfg)
     return [f"quantization_config: {declared}"] + evidence, problems + more
-
-
-def _few(items) -> str:
-    items = sorted(items)
-    return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
 
 
 def _ct_matches(target: str, runtime: str, num_hidden_layers: int) -> bool:
