@@ -33,11 +33,10 @@ import xxhash
 from nvfp4kit.card import CARD_NAME
 from nvfp4kit.checkpoint import INDEX_NAME
 from nvfp4kit.convert import LOCK_NAME, REPORT_NAME, STATE_DIR
+from nvfp4kit.faults import ENV as FAULT_ENV, POINTS
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
 from nvfp4kit.synthetic import generate
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fault_hooks"))
-from sitecustomize import ENV as FAULT_ENV, POINTS  # noqa: E402  (the hook module, imported only for its names)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "fp8_to_nvfp4_streaming.py")
