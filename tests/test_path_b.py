@@ -385,7 +385,7 @@ def test_a_v3_checkpoint_is_refused_in_one_line_before_any_work(tmp_path):
     import sys
 
     src, dst = str(tmp_path / "v3"), str(tmp_path / "out")
-    from nvfp4kit.synthetic import generate
+    from nvfp4kit.fixtures.synthetic import generate
 
     generate(src, preset="v3-tiny")
     data = write_jsonl(str(tmp_path / "calib.jsonl"))
