@@ -152,7 +152,7 @@ def _finish_if_complete(ckpt: Checkpoint, plan: ConversionPlan, dst: str, share:
 # ---------------------------------------------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------------------------------------------
-def interrupt(signum, frame) -> None:
+def interrupt(signum: int, frame: object) -> None:
     """A stop signal as KeyboardInterrupt, once: further signals are ignored so that the cleanup runs to its end.
 
     (Ignored by a Python handler, not SIG_IGN: a signal already pending would otherwise raise "Signal 15 ignored
@@ -163,7 +163,7 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _ignore(signum, frame) -> None:
+def _ignore(signum: int, frame: object) -> None:
     pass
 
 
