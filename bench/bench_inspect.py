@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint  # noqa: E402
 from nvfp4kit.report import checkpoint_facts, render_report  # noqa: E402
 from nvfp4kit.safetensors_io import DTYPE_NAMES, TensorSpec, encode_header  # noqa: E402
-from nvfp4kit.synthetic import (  # noqa: E402
+from nvfp4kit.fixtures.synthetic import (  # noqa: E402
     BLOCK, checkpoint_recipes, materialize, model_config, shard_count, shard_file, shard_number)
 
 

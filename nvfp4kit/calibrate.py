@@ -48,8 +48,8 @@ import torch
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 # Path A's pieces Path B shares: the lock, reading and computing a unit, the finish step.
-from .convert import (LOCK_NAME, STATE_DIR, atomic_write_json, check_apart, compute_unit, copy_side_files,
-                      exclusive_lock, finish_output, peak_rss_bytes, read_unit)
+from .convert import (LOCK_NAME, STATE_DIR, check_apart, compute_unit, copy_side_files, exclusive_lock,
+                      finish_output, peak_rss_bytes, read_unit)
 from .families import family_for
 from .hf_model import dequantized_source
 from .layouts import Layout
@@ -59,7 +59,7 @@ from .plan import ConversionPlan, Options, build_plan, source_fingerprint
 from .rules import Action, is_mtp, joint_scale_group, module_name
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec, read_header, read_tensor
 from .errors import KitError
-from .write import write_shard
+from .write import Piece, atomic_write_json, write_shard
 
 log = logging.getLogger("nvfp4kit.calibrate")
 
@@ -326,7 +326,7 @@ def stage_bf16_checkpoint(ckpt: Checkpoint, staging: str, dtype: torch.dtype = t
         specs = [TensorSpec(n, "BF16" if n in fp8 and dtype == torch.bfloat16 else
                             ("F32" if n in fp8 else ckpt.tensors[n].dtype), ckpt.tensors[n].shape) for n in names]
         tensors = (read(n).to(dtype) if n in fp8 else read(n) for n in names)
-        append_entry(staging, write_shard(staging, shard, specs, tensors))
+        append_entry(staging, write_shard(staging, shard, specs, (Piece([t]) for t in tensors)))
         done_now = k + 1
         eta = (time.time() - t0) / done_now * (len(ckpt.shards) - done_now)
         log.info("staged %s (%d/%d shards), elapsed %s, ETA %s", shard, done_now, len(ckpt.shards),
@@ -675,7 +675,7 @@ def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, Tensor
         units = [plan.units[i] for i in shard.units]
         stats: dict[str, dict] = {}
         entry = write_shard(dst, shard.name, [o for u in units for o in u.outputs],
-                            _shard_tensors(units, ckpt, plan, layout, saved, result, stats),
+                            (Piece([t]) for t in _shard_tensors(units, ckpt, plan, layout, saved, result, stats)),
                             {"format": "pt", "producer": f"nvfp4kit {__version__} path B"})
         entry.update(calibration_id=calibration_id, tensors=stats,
                      modules_from_llmcompressor=sum(len(u.modules) for u in units if _calibrated(u)))

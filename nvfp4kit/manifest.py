@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
+from .faults import fault_point
+
 log = logging.getLogger("nvfp4kit.manifest")
 
 HASH = "xxh3_128"
@@ -55,13 +57,15 @@ def read_manifest(state: str) -> dict[str, dict]:
 def append_entry(state: str, entry: dict, rank: int | None = None) -> None:
     """Record one finished shard, durably, before anyone is told it is done. A line cut short by a kill is closed
     first, so that this entry starts a line of its own."""
-    with open(manifest_path(state, rank), "a+b") as f:
+    path, line = manifest_path(state, rank), json.dumps(entry).encode() + b"\n"
+    with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)
         torn = False
         if f.tell():
             f.seek(-1, os.SEEK_END)
             torn = f.read(1) != b"\n"
-        f.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")
+        fault_point("manifest", path, line)
+        f.write((b"\n" if torn else b"") + line)
         f.flush()
         os.fsync(f.fileno())
 

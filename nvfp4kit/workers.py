@@ -189,12 +189,13 @@ def _worker_main(job_path: str, k: int, parent: int) -> int:
     def parent_alive() -> bool:
         return os.getppid() == parent
 
-    from .convert import ConvertError, _interrupt, install_worker  # noqa: PLC0415 (seconds: torch)
+    from .convert.job import interrupt  # noqa: PLC0415 (seconds: torch)
+    from .convert.shard import install_worker  # noqa: PLC0415
 
     reason = "interrupted"
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _interrupt)
+            signal.signal(sig, interrupt)
         _die_with_parent()
         if not parent_alive():
             return 1
@@ -207,7 +208,7 @@ def _worker_main(job_path: str, k: int, parent: int) -> int:
         reason = "done" if parent_alive() else "orphaned"
     except KeyboardInterrupt:
         pass
-    except (ConvertError, OSError, ValueError) as e:
+    except (KitError, OSError, ValueError) as e:
         reason = "error"
         _send_quietly(send, "error", message=str(e))
     except Exception:  # an unexpected bug: the traceback is what a maintainer needs

@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny synthetic V4 FP8 checkpoint per test session (nvfp4kit.synthetic)."""
+"""Shared fixtures: one tiny synthetic V4 FP8 checkpoint per test session (nvfp4kit.fixtures.synthetic)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from nvfp4kit.synthetic import generate
+from nvfp4kit.fixtures.synthetic import generate
 
 TINY_SEED = 0
 

@@ -417,12 +417,12 @@ def test_read_ahead_stays_within_its_window_of_the_converter(tiny_src, monkeypat
 def test_convert_points_the_read_ahead_at_its_reads(tiny_src, tmp_path, monkeypatch):
     """convert() gives the readahead every source tensor's byte range once, in the order it reads them, and
     closes it."""
-    from nvfp4kit import convert as convert_module
+    from nvfp4kit.convert import read as read_module
     from nvfp4kit.readahead import SourceReadAhead
 
     followed: list = []
     read_starts: list = []
-    read_into = convert_module.read_into
+    read_into = read_module.read_into
 
     def recording_read_into(info, *args):
         read_starts.append((info.file, info.begin))
@@ -433,7 +433,7 @@ def test_convert_points_the_read_ahead_at_its_reads(tiny_src, tmp_path, monkeypa
             followed.extend(ranges)
             super().follow(ranges)
 
-    monkeypatch.setattr(convert_module, "read_into", recording_read_into)
+    monkeypatch.setattr(read_module, "read_into", recording_read_into)
     ahead = Recording([], window=1)
     convert(tiny_src, str(tmp_path / "out"), Options(), Settings(), read_ahead=ahead)
     tensors = [(t.file, t.begin, t.end) for t in open_checkpoint(tiny_src).tensors.values()]

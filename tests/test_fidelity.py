@@ -176,7 +176,7 @@ def test_bfloat16_runs_as_on_a_gpu_and_mtp_in_a_model_shorter_than_its_hash_laye
     from nvfp4kit.convert import Settings, convert
     from nvfp4kit.fidelity import measure_fidelity
     from nvfp4kit.plan import Options
-    from nvfp4kit.synthetic import generate
+    from nvfp4kit.fixtures.synthetic import generate
 
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     generate(src, preset="tiny", seed=3, num_hidden_layers=2, n_routed_experts=4)

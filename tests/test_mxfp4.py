@@ -27,7 +27,7 @@ from nvfp4kit.plan import Options, PlanError, build_plan
 from nvfp4kit.report import checkpoint_facts, render_report
 from nvfp4kit.rules import Overrides
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
-from nvfp4kit.synthetic import checkpoint_recipes, generate, model_config, recipe_specs, write_layout
+from nvfp4kit.fixtures.synthetic import checkpoint_recipes, generate, model_config, recipe_specs, write_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_SHARDS = 3 * 10**6  # several output shards, so that 3 workers share them out

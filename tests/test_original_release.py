@@ -17,7 +17,7 @@ from test_vllm_dry_load import vllm_python  # noqa: F401  (the session fixture: 
 from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
 from nvfp4kit.convert import Settings, convert
 from nvfp4kit.plan import Options
-from nvfp4kit.synthetic import generate
+from nvfp4kit.fixtures.synthetic import generate
 from nvfp4kit.verify import verify
 from nvfp4kit.vllm_check import run_vllm_dry_loads
 

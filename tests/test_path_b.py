@@ -359,23 +359,23 @@ def test_shard_writer_records_what_is_on_disk_and_leaves_nothing_on_failure(tmp_
     """nvfp4kit.write: the entry's size and hash are the file's; a failure midway or a short shard leaves no file."""
     from nvfp4kit.manifest import HASH, file_digest
     from nvfp4kit.safetensors_io import spec_of
-    from nvfp4kit.write import ShardWriteError, write_shard
+    from nvfp4kit.write import Piece, ShardWriteError, write_shard
 
     tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.bfloat16)}
     specs = [spec_of(n, t) for n, t in tensors.items()]
-    entry = write_shard(str(tmp_path), "s.safetensors", specs, iter(tensors.values()))
+    entry = write_shard(str(tmp_path), "s.safetensors", specs, [Piece([tensors["a"]]), Piece([tensors["b"]])])
     path = str(tmp_path / "s.safetensors")
     assert entry == {"name": "s.safetensors", "size": os.path.getsize(path), HASH: file_digest(path)}
     assert all(torch.equal(read_tensor(info), tensors[n]) for n, info in read_header(path)[0].items())
 
     def failing():
-        yield tensors["a"]
+        yield Piece([tensors["a"]])
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
         write_shard(str(tmp_path), "t.safetensors", specs, failing())
     with pytest.raises(ShardWriteError, match="wrote"):
-        write_shard(str(tmp_path), "u.safetensors", specs, iter([tensors["a"]]))
+        write_shard(str(tmp_path), "u.safetensors", specs, [Piece([tensors["a"]])])
     assert sorted(os.listdir(tmp_path)) == ["s.safetensors"]
 
 
@@ -385,7 +385,7 @@ def test_a_v3_checkpoint_is_refused_in_one_line_before_any_work(tmp_path):
     import sys
 
     src, dst = str(tmp_path / "v3"), str(tmp_path / "out")
-    from nvfp4kit.synthetic import generate
+    from nvfp4kit.fixtures.synthetic import generate
 
     generate(src, preset="v3-tiny")
     data = write_jsonl(str(tmp_path / "calib.jsonl"))

@@ -24,7 +24,7 @@ from nvfp4kit.mxfp4 import dequantize_mxfp4
 from nvfp4kit.plan import Options, PlanError
 from nvfp4kit.safetensors_io import read_header, read_tensor
 from nvfp4kit.sglang_check import ENV_VAR, SGLangDryLoadResult, run_sglang_dry_load, run_sglang_dry_loads
-from nvfp4kit.synthetic import generate
+from nvfp4kit.fixtures.synthetic import generate
 from nvfp4kit.verify import all_passed, format_report, verify
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

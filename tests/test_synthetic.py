@@ -14,7 +14,7 @@ import torch
 from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
 from nvfp4kit.fp8 import dequantize_fp8_blocks
 from nvfp4kit.safetensors_io import read_tensor
-from nvfp4kit.synthetic import generate
+from nvfp4kit.fixtures.synthetic import generate
 
 # The per-layer table of docs/v4-layout.md §2.2, written out independently of the generator.
 # {c} marks a tensor that exists for every routed expert.

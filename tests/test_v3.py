@@ -23,7 +23,7 @@ from nvfp4kit.hf_model import dequantized_source
 from nvfp4kit.plan import Options, PlanError, build_plan
 from nvfp4kit.report import checkpoint_facts
 from nvfp4kit.safetensors_io import read_tensor
-from nvfp4kit.synthetic import generate, model_config
+from nvfp4kit.fixtures.synthetic import generate, model_config
 from nvfp4kit.verify import verify
 from nvfp4kit.vllm_check import run_vllm_dry_loads
 from test_vllm_dry_load import (activation_scales_file, copy_checkpoint, edit_tensors,  # noqa: F401

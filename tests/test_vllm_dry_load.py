@@ -23,7 +23,7 @@ from nvfp4kit.convert import Settings, convert
 from nvfp4kit.nvfp4 import amax, global_scale_from_amax, quantize_nvfp4
 from nvfp4kit.plan import Options
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
-from nvfp4kit.synthetic import generate
+from nvfp4kit.fixtures.synthetic import generate
 from nvfp4kit.vllm_check import ENV_VAR, REPO_ROOT, DryLoadResult, run_vllm_dry_loads
 
 SETUP_SCRIPT = os.path.join(REPO_ROOT, "scripts", "setup_vllm_cpu.sh")

@@ -1,13 +1,13 @@
 """Fault injection for tests/test_faults.py, loaded by Python at start-up when this folder is on PYTHONPATH.
 
 The converter runs its shards in worker processes (``python -m nvfp4kit.workers``); each of them starts a fresh
-interpreter that imports this module too (PYTHONPATH and the environment are inherited), so one fault specification reaches every process
-of a run without a line of test code in the product:
+interpreter that imports this module too (PYTHONPATH and the environment are inherited), so one fault specification
+reaches every process of a run; the product only names its points (:mod:`nvfp4kit.faults`), this hook acts:
 
     NVFP4KIT_FAULT=POINT:N:ACTION    e.g.  shard_renamed:2:kill   tensor_written:5:enospc   manifest:1:torn
 
-POINT names a place in nvfp4kit.convert (see :data:`POINTS`); the fault fires at the N-th time *one process*
-reaches it. ACTION is one of:
+POINT names a place in the product code (:data:`nvfp4kit.faults.POINTS`: the code calls
+``fault_point(POINT)`` there); the fault fires at the N-th time *one process* reaches it. ACTION is one of:
 
 - ``kill``: SIGKILL the run's process group and this process's own (workers run in groups of their own): a power
   cut, the OOM killer or ``kill -9`` of a job;
@@ -23,10 +23,9 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import re
 import signal
 
-ENV = "NVFP4KIT_FAULT"
+ENV = "NVFP4KIT_FAULT"  # nvfp4kit.faults.ENV (the kit is imported only when it is set)
 
 
 def _main_pid() -> int:
@@ -43,7 +42,7 @@ def _kill_group() -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-# ACTION -> what it does, given the path the patched call names (None for a data write, as a real write error)
+# ACTION -> what it does, given the path the point names (None for a data write, as a real write error)
 ACTIONS = {
     "kill": lambda path: _kill_group(),
     "sigint": lambda path: os.killpg(os.getpgid(_main_pid()), signal.SIGINT),
@@ -59,66 +58,35 @@ def _raise(code: int, path: str | None) -> None:
     raise OSError(code, os.strerror(code), path)
 
 
-# POINT -> (attribute of nvfp4kit.convert or of os, path pattern its first argument must match or None, fire after
-# the call instead of before it). Order follows a run.
-POINTS: dict[str, tuple[str, str | None, bool]] = {
-    "plan_written": ("atomic_write_json", r"fingerprint\.json$", False),  # state half set up: plan.json only
-    "side_file": ("os.replace", r"/(tokenizer|encoding/|inference/).*\.partial$", False),  # a copy not yet renamed
-    "compute": ("quantize_group", None, False),  # a worker mid-tensor: unit read, NVFP4 not yet written
-    "tensor_written": ("tensor_bytes", None, False),  # a worker mid-shard: earlier tensors written, maybe buffered
-    "shard_complete": ("os.replace", r"\.safetensors\.partial$", False),  # a whole .partial, fsynced, not renamed
-    "shard_renamed": ("os.replace", r"\.safetensors\.partial$", True),  # between the rename and the manifest line
-    "manifest": ("_append_manifest", None, False),  # the parent about to record a finished shard
-    "config": ("os.replace", r"(?<!inference)/config\.json\.partial$", False),  # finishing: config.json replaced
-    "index": ("os.replace", r"model\.safetensors\.index\.json\.partial$", False),  # the index written, not renamed
-    "index_renamed": ("os.replace", r"model\.safetensors\.index\.json\.partial$", True),  # complete, still running
-}
-
-
-def _torn_manifest(original):
-    def append(state: str, entry: dict, *_rank) -> None:
-        import json
-
-        line = json.dumps(entry) + "\n"
-        with open(os.path.join(state, "manifest.jsonl"), "a") as f:
-            f.write(line[: len(line) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-        _kill_group()
-
-    return append
+def _torn(path: str, data: bytes) -> None:
+    """The first half of the manifest line, durably, then a power cut."""
+    with open(path, "ab") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+    _kill_group()
 
 
 def install(spec: str) -> None:
-    point, nth, action = spec.split(":")
-    target, pattern, after = POINTS[point]
-    nth = int(nth)
-    import nvfp4kit.convert as convert
+    """Fire ``ACTION`` the ``N``-th time this process reaches ``POINT`` (one of :data:`nvfp4kit.faults.POINTS`)."""
+    from nvfp4kit import faults
 
-    owner, attr = (os, "replace") if target == "os.replace" else (convert, target)
-    original = getattr(owner, attr)
+    point, nth, action = spec.split(":")
+    if point not in faults.POINTS:
+        raise ValueError(f"{ENV}: no fault point {point!r} (see nvfp4kit.faults.POINTS)")
     if action == "torn":
         assert point == "manifest", "a torn write is a manifest fault"
-        fault = None
-    else:
-        fault = ACTIONS[action]
     calls = itertools.count(1)
 
-    def patched(*args, **kwargs):
-        if pattern is not None and not re.search(pattern, str(args[0])):
-            return original(*args, **kwargs)
-        fire = next(calls) == nth
-        if fire and fault is None:
-            return _torn_manifest(original)(*args, **kwargs)
-        path = str(args[0]) if pattern is not None else None
-        if fire and not after:
-            fault(path)
-        result = original(*args, **kwargs)
-        if fire and after:
-            fault(path)
-        return result
+    def handler(name: str, path: str | None, data: bytes | None) -> None:
+        if name != point or next(calls) != int(nth):
+            return
+        if action == "torn":
+            _torn(path, data)
+        else:
+            ACTIONS[action](path)
 
-    setattr(owner, attr, patched)
+    faults.install(handler)
 
 
 if os.environ.get(ENV):
