@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Path B: calibrate an FP8 DeepSeek V4 checkpoint to NVFP4 W4A4 with llm-compressor (compressed-tensors, vLLM).
+"""Path B: calibrate an FP8 DeepSeek V4, V3 / R1 / V3.1 or V3.2 checkpoint to NVFP4 W4A4 with llm-compressor
+(compressed-tensors, vLLM).
 
     .venv/bin/python quantize_llmcompressor.py --src DeepSeek-V4-Pro-FP8 --dst OUT --num-samples 256 \\
         --max-seq-len 4096 --offload-dir /nvme/pathb --export-activation-scales act.json 2>&1 | tee path_b.log
+    .venv/bin/python quantize_llmcompressor.py --src DeepSeek-R1 --dst R1-NVFP4 --offload-dir /nvme/pathb
 
 Needs requirements-pathb.txt (scripts/bootstrap.sh .venv requirements-pathb.txt). Rerun the same command to resume:
 the BF16 staging checkpoint and a finished calibration in --offload-dir are reused, the output's finished shards
@@ -19,7 +21,7 @@ from nvfp4kit.cli import ArgumentParser, add_plan_flags, options_from_args, run_
 
 def main() -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, help="source checkpoint folder (FP8, DeepSeek names)")
+    p.add_argument("--src", required=True, help="source checkpoint folder (FP8 DeepSeek V4, V3, R1, V3.1 or V3.2)")
     p.add_argument("--dst", required=True,
                    help="output folder: empty, or this same command's unfinished output (resumed)")
     p.add_argument("--dataset", default=DEFAULT_DATASET,

@@ -1,15 +1,20 @@
 """Path B: calibrate NVFP4 W4A4 with llm-compressor's ``oneshot`` and write the checkpoint vLLM loads.
 
+Every family the kit knows (:mod:`nvfp4kit.families`): DeepSeek V4, and V3 / R1 / V3.1 / V3.2. What differs between
+them (transformers' model and decoder layer classes, whether transformers renames the checkpoint's names, how the
+MTP block is named) comes from the family; the stages below are the same.
+
 The job, top to bottom (:func:`quantize_with_llmcompressor`):
 
 1. refuse a non-empty destination (unless ``overwrite``); plan with Path A's rule table (:mod:`nvfp4kit.plan`):
    the modules Path A quantizes are exactly the ones calibrated here, everything else is ignored;
 2. **stage**: dequantize the FP8 source with the kit's own FP8 code into a BF16 checkpoint under
    ``offload_dir/staging`` (DeepSeek's names, no MTP, no ``.scale``), one shard at a time, resumable;
-3. **load** transformers' ``DeepseekV4ForCausalLM`` from it with compressed-tensors' disk offload, linearize the
-   routed experts into per-expert ``nn.Linear`` (llm-compressor's generic V4 entry), and cast the norms that
-   transformers keeps in float32 to the compute dtype (a float32 norm output into a BF16 Linear is a dtype error);
-4. **calibrate**: ``oneshot(pipeline="sequential", sequential_targets=["DeepseekV4DecoderLayer"])`` with
+3. **load** transformers' model of the family (``DeepseekV4ForCausalLM``, ``DeepseekV3ForCausalLM``,
+   ``DeepseekV32ForCausalLM``) from it with compressed-tensors' disk offload, linearize the routed experts into
+   per-expert ``nn.Linear`` (llm-compressor's generic entry), and cast the norms that transformers keeps in float32
+   to the compute dtype (a float32 norm output into a BF16 Linear is a dtype error);
+4. **calibrate**: ``oneshot(pipeline="sequential", sequential_targets=[<the family's decoder layer>])`` with
    ``QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=<every Linear the rule table keeps>)``;
    llm-compressor's MoE calibration context runs every routed expert on every token while the router's real
    top-k weights make the layer output, so each expert sees activations; saved with ``save_compressed=True``;
@@ -39,7 +44,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -48,22 +53,22 @@ import torch
 from . import __version__
 from .checkpoint import INDEX_NAME, Checkpoint, open_checkpoint
 # Path A's pieces Path B shares: the lock, reading and computing a unit, the finish step.
-from .convert import (LOCK_NAME, STATE_DIR, check_apart, compute_unit, copy_side_files, exclusive_lock,
-                      finish_output, peak_rss_bytes, read_unit)
-from .families import family_for
+from .convert import (LOCK_NAME, STATE_DIR, atomic_write_json, check_apart, compute_unit, copy_side_files,
+                      exclusive_lock, finish_output, peak_rss_bytes, read_unit)
+from .families import Family, family_for
+from .families.v4 import V4
 from .hf_model import dequantized_source
 from .layouts import Layout
 from .manifest import append_entry, intact_entries, intact_shards, read_manifest
 from .nvfp4 import GLOBAL_SCALE_DIVISOR
 from .plan import ConversionPlan, Options, build_plan, source_fingerprint
-from .rules import Action, is_mtp, joint_scale_group, module_name
+from .rules import Action, joint_scale_group, module_name
 from .safetensors_io import DTYPES, TensorInfo, TensorSpec, read_header, read_tensor
 from .errors import KitError
 from .write import Piece, atomic_write_json, write_shard
 
 log = logging.getLogger("nvfp4kit.calibrate")
 
-DECODER_LAYER = "DeepseekV4DecoderLayer"
 STAGING = "staging"
 LLMC_SAVE = "llmcompressor-save"
 OFFLOAD = "offload"
@@ -99,6 +104,7 @@ class CalibrationSettings:
 @dataclass
 class CalibrationResult:
     input_amax: dict[str, float]  # native module -> amax, every module Path A quantizes
+    calibrated: frozenset[str] = frozenset()  # modules whose tensors come from llm-compressor's save (not MTP)
     fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why its amax is a peer maximum
     layer_log: list[dict] = field(default_factory=list)
 
@@ -114,17 +120,13 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
         raise PathBError("Path B writes compressed-tensors only (llm-compressor's format); use Path A for others")
     check_apart(src, dst)
     ckpt = open_checkpoint(src)
-    family = family_for(ckpt.config)
-    if family is not None and family.name != "deepseek_v4":
-        # Staging, the calibration model and the ignore list are V4's (transformers' DeepseekV4): never half a run.
-        raise PathBError(f"{src}: {family.title} checkpoints convert with Path A (fp8_to_nvfp4_streaming.py); "
-                         "Path B (calibrated W4A4) supports DeepSeek V4 only so far")
     fingerprint = run_fingerprint(ckpt, options, settings)
     check_destination(dst, fingerprint, settings.overwrite)
     weight_only = build_plan(ckpt, options)  # fails early, listing every problem, before hours of work
+    family = family_for(ckpt.config)  # (the plan refused a model of no family)
     quantized = sorted(m for m, a in weight_only.actions.items() if a == Action.QUANTIZE.value)
-    log.info("rule table: %d modules to quantize (%d in MTP), %d kept FP8", len(quantized),
-             sum(map(is_mtp, quantized)), sum(a == Action.KEEP_FP8.value for a in weight_only.actions.values()))
+    log.info("rule table (%s): %d modules to quantize (%d in MTP), %d kept FP8", family.title, len(quantized),
+             sum(map(mtp_test(ckpt), quantized)), sum(a == Action.KEEP_FP8.value for a in weight_only.actions.values()))
     estimate = layer_memory_estimate(ckpt, settings.num_samples, settings.max_seq_len)
     budget = cpu_budget_gb(estimate, host_memory_gb(), settings.num_samples, settings.max_seq_len)
     cpu_gb = budget if settings.max_cpu_memory_gb is None else settings.max_cpu_memory_gb
@@ -146,8 +148,9 @@ def quantize_with_llmcompressor(src: str, dst: str, options: Options, settings: 
             calibration = run_calibration(ckpt, staging, work, weight_only, data, settings, cpu_gb, fingerprint,
                                           started)
         _stage("4/5 collecting scales", started)
-        saved = saved_tensors(os.path.join(work, LLMC_SAVE))
-        result = collect_activation_amax(saved, quantized, options.joint_scale)
+        saved = saved_tensors(os.path.join(work, LLMC_SAVE), family)
+        result = collect_activation_amax(saved, quantized, options.joint_scale, family,
+                                         int(ckpt.config["num_hidden_layers"]))
         result.layer_log = calibration["layers"]
         if settings.export_activation_scales:
             export_activation_scales(settings.export_activation_scales, src, result)
@@ -180,10 +183,11 @@ def run_calibration(ckpt: Checkpoint, staging: str, work: str, weight_only: Conv
         path = os.path.join(work, stale)
         shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
     _stage("2/5 loading", started)
-    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype, cpu_gb)
+    family = family_for(ckpt.config)
+    model, tokenizer = load_for_calibration(staging, os.path.join(work, OFFLOAD), settings.dtype, cpu_gb, family)
     ignore = ignore_list(model, hf_to_native_modules(ckpt), weight_only.actions)
     _stage("3/5 calibration", started)
-    layer_log = run_oneshot(model, tokenizer, data, ignore, os.path.join(work, LLMC_SAVE), settings)
+    layer_log = run_oneshot(model, tokenizer, data, ignore, os.path.join(work, LLMC_SAVE), settings, family)
     del model
     record = {"fingerprint": fingerprint, "calibration_id": uuid.uuid4().hex, "layers": layer_log}
     atomic_write_json(os.path.join(work, CALIBRATION_NAME), record)
@@ -289,10 +293,18 @@ def _peak_rss_gb() -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 1: the BF16 staging checkpoint
 # ---------------------------------------------------------------------------------------------------------------
+def mtp_test(ckpt: Checkpoint) -> Callable[[str], bool]:
+    """Whether a tensor or module name is in the checkpoint's MTP block (V4 ``mtp.K.``, V3 layer
+    ``num_hidden_layers``), by the checkpoint's family."""
+    family, layers = family_for(ckpt.config) or V4, ckpt.config.get("num_hidden_layers")
+    return lambda name: family.is_mtp(name, layers)
+
+
 def staged_tensor_names(ckpt: Checkpoint) -> list[str]:
-    """What transformers' model reads: no FP8 ``.scale`` companions and no MTP block (it builds none)."""
+    """What transformers' model reads: no FP8 scale companions and no MTP block (it builds none)."""
     scales = {n for n in ckpt.tensors if n.endswith((".scale", ".weight_scale_inv"))}
-    return [n for n in ckpt.tensors if n not in scales and not is_mtp(n)]
+    mtp = mtp_test(ckpt)
+    return [n for n in ckpt.tensors if n not in scales and not mtp(n)]
 
 
 def stage_bf16_checkpoint(ckpt: Checkpoint, staging: str, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -352,41 +364,52 @@ def _read_json(path: str) -> dict | None:
 # Stage 2: transformers' model, offloaded, experts linearized
 # ---------------------------------------------------------------------------------------------------------------
 def load_for_calibration(staging: str, offload_folder: str, dtype: torch.dtype = torch.bfloat16,
-                         max_cpu_memory_gb: float | None = None):
-    """``(model, tokenizer)``: DeepseekV4ForCausalLM on CPU/disk (compressed-tensors offload; llm-compressor's
-    sequential pipeline moves one decoder layer at a time to the GPU), experts as per-expert Linears."""
+                         max_cpu_memory_gb: float | None = None, family: Family = V4):
+    """``(model, tokenizer)``: the family's transformers model on CPU/disk (compressed-tensors offload;
+    llm-compressor's sequential pipeline moves one decoder layer at a time to the GPU), experts as per-expert
+    Linears."""
+    import transformers
     from compressed_tensors.offload import load_offloaded_model
-    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings, set_save_conversion_mapping
+    from llmcompressor.modeling.moe.conversion_mappings import set_save_conversion_mapping
     from llmcompressor.modeling.moe.linearize import linearize_moe
-    from transformers import AutoTokenizer, DeepseekV4ForCausalLM
+    from transformers import AutoTokenizer
 
+    model_class = getattr(transformers, family.architectures[0])
     # llm-compressor's load_quantizable_moe would load the per-expert staging tensors directly, but its
     # transformers patch registry imports every model module, torchvision included (no CPU wheel for torch 2.13):
     # load the stacked experts instead and linearize after loading.
     limits = {} if max_cpu_memory_gb is None else {"max_memory": {"cpu": int(max_cpu_memory_gb * 1e9)}}
-    with load_offloaded_model(DeepseekV4ForCausalLM):
-        model = DeepseekV4ForCausalLM.from_pretrained(staging, dtype=dtype, device_map="auto_offload",
-                                                      offload_folder=offload_folder, **limits)
+    with load_offloaded_model(model_class):
+        model = model_class.from_pretrained(staging, dtype=dtype, device_map="auto_offload",
+                                            offload_folder=offload_folder, **limits)
     linearize_moe(model)
-    # Saving reverses these mappings, so the save carries DeepSeek's names (experts.E.w1, attn.wq_a, ...).
-    _, _, save_map = get_linearize_load_mappings("deepseek_v4")
-    set_save_conversion_mapping(model, save_map)
-    cast_fp32_norms(model, dtype)
+    # Saving reverses these mappings, so the save carries the checkpoint's names (V4 experts.E.w1, attn.wq_a, ...).
+    set_save_conversion_mapping(model, save_mapping(family))
+    cast_fp32_norms(model, dtype, family.hf_norm)
     return model.eval(), AutoTokenizer.from_pretrained(staging)
 
 
-def cast_fp32_norms(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+def save_mapping(family: Family) -> list:
+    """transformers' conversions that turn the linearized model's names into the checkpoint's on save (and the
+    checkpoint's into the model's on load): llm-compressor's per-expert entries for a family transformers renames
+    (V4); none where the names are transformers' own (V3: ``model.layers.N.mlp.experts.E.gate_proj`` both ways)."""
+    if family.hf_renames is None:
+        return []
+    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings
+
+    return get_linearize_load_mappings(family.hf_renames)[2]
+
+
+def cast_fp32_norms(model: torch.nn.Module, dtype: torch.dtype, norm_class: str = V4.hf_norm) -> list[str]:
     """Cast the RMSNorm weights transformers keeps in float32 to ``dtype``; returns their names.
 
     A float32 norm weight turns the norm's output float32, and the BF16 Linear after it fails with "expected m1 and
     m2 to have the same dtype". The mHC parameters, sinks and position biases stay float32: their code upcasts
     explicitly. Calibration-only: the output copies these tensors from the source, bit for bit.
     """
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
-
     cast = []
     for name, module in model.named_modules():
-        if isinstance(module, DeepseekV4RMSNorm) and module.weight.dtype != dtype:
+        if type(module).__name__ == norm_class and module.weight.dtype != dtype:
             module.to(dtype)
             cast.append(name)
     return cast
@@ -395,19 +418,19 @@ def cast_fp32_norms(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
 def hf_to_native_modules(ckpt: Checkpoint) -> dict[str, str]:
     """transformers module name (linearized experts) -> DeepSeek module name, for every weight outside MTP.
 
-    Built by running transformers' own V4 load renamings, with llm-compressor's per-expert entries in place of the
-    stacking converter, over the checkpoint's names: the mapping is the loader's, never a hand-written copy.
+    Built by running transformers' own load renamings of the family, with llm-compressor's per-expert entries in
+    place of the stacking converter, over the checkpoint's names: the mapping is the loader's, never a hand-written
+    copy. (V3's names are transformers' own: the mapping is the identity.)
     """
-    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings
     from transformers.core_model_loading import rename_source_key
 
-    _, load_map, _ = get_linearize_load_mappings("deepseek_v4")
+    load_map = save_mapping(family_for(ckpt.config) or V4)  # (llm-compressor's load and save lists are one)
     out = {}
     for name in staged_tensor_names(ckpt):
         if name.endswith(".weight"):
-            hf, _ = rename_source_key(name, load_map, [])
-            hf = module_name(hf)
-            out[hf if hf.startswith("lm_head") else "model." + hf] = module_name(name)
+            hf = module_name(rename_source_key(name, load_map, [])[0] if load_map else name)
+            # transformers' state dict holds the decoder under ``model.``; V3's names carry it already
+            out[hf if hf.startswith(("lm_head", "model.")) else "model." + hf] = module_name(name)
     return out
 
 
@@ -421,7 +444,8 @@ def ignore_list(model: torch.nn.Module, names: dict[str, str], actions: dict[str
     unknown = [n for n in linears if n not in names]
     if unknown:
         raise PathBError(f"transformers Linear modules with no DeepSeek name: {unknown[:5]}")
-    wanted = {m for m, a in actions.items() if a == Action.QUANTIZE.value and not is_mtp(m)}
+    staged = set(names.values())  # (no MTP: transformers builds none)
+    wanted = {m for m, a in actions.items() if a == Action.QUANTIZE.value and m in staged}
     missing = wanted - {names[n] for n in linears}
     if missing:
         raise PathBError(f"modules the rule table quantizes are not Linear layers of the model: {sorted(missing)[:5]}")
@@ -431,19 +455,20 @@ def ignore_list(model: torch.nn.Module, names: dict[str, str], actions: dict[str
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 3: oneshot, with progress per decoder layer
 # ---------------------------------------------------------------------------------------------------------------
-def run_oneshot(model, tokenizer, data, ignore: list[str], save_dir: str, settings: CalibrationSettings) -> list[dict]:
+def run_oneshot(model, tokenizer, data, ignore: list[str], save_dir: str, settings: CalibrationSettings,
+                family: Family = V4) -> list[dict]:
     """Calibrate and save (compressed) to ``save_dir``; returns one progress record per decoder layer."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     recipe = QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=ignore)
-    progress = LayerProgress(model, len(data))
+    progress = LayerProgress(model, len(data), family.hf_decoder_layer)
     log.info("oneshot: sequential pipeline over %d decoder layers, %d samples, every routed expert calibrated on "
              "every token; %d Linear modules ignored by the rule table", progress.total, len(data), len(ignore))
     try:
-        with per_expert_save_names():
+        with per_expert_save_names(family):
             oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe, pipeline="sequential",
-                    sequential_targets=[DECODER_LAYER], num_calibration_samples=len(data),
+                    sequential_targets=[family.hf_decoder_layer], num_calibration_samples=len(data),
                     max_seq_length=settings.max_seq_len, shuffle_calibration_samples=False,
                     moe_calibrate_all_experts=True, output_dir=save_dir, save_compressed=True)
     finally:
@@ -452,18 +477,18 @@ def run_oneshot(model, tokenizer, data, ignore: list[str], save_dir: str, settin
 
 
 @contextmanager
-def per_expert_save_names() -> Iterator[None]:
-    """transformers' V4 conversion mapping with per-expert entries while llm-compressor saves, restored after:
-    left in place it would make every later V4 load in this process expect per-expert weights."""
-    from llmcompressor.modeling.moe.conversion_mappings import get_linearize_load_mappings
+def per_expert_save_names(family: Family = V4) -> Iterator[None]:
+    """transformers' conversion mapping of the family with per-expert entries while llm-compressor saves, restored
+    after: left in place it would make every later load of the family in this process expect per-expert weights."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
-    original = get_checkpoint_conversion_mapping("deepseek_v4")
-    register_checkpoint_conversion_mapping("deepseek_v4", get_linearize_load_mappings("deepseek_v4")[2], overwrite=True)
+    model_type = family.hf_renames or family.model_types[0]
+    original = get_checkpoint_conversion_mapping(model_type)
+    register_checkpoint_conversion_mapping(model_type, save_mapping(family), overwrite=True)
     try:
         yield
     finally:
-        register_checkpoint_conversion_mapping("deepseek_v4", original, overwrite=True)
+        register_checkpoint_conversion_mapping(model_type, original, overwrite=True)
 
 
 class LayerProgress:
@@ -473,8 +498,8 @@ class LayerProgress:
     next layer, so a layer is done after ``2 * samples`` forward calls.
     """
 
-    def __init__(self, model: torch.nn.Module, samples: int) -> None:
-        self.layers = [m for m in model.modules() if type(m).__name__ == DECODER_LAYER]
+    def __init__(self, model: torch.nn.Module, samples: int, layer_class: str = V4.hf_decoder_layer) -> None:
+        self.layers = [m for m in model.modules() if type(m).__name__ == layer_class]
         self.total, self.samples, self.records = len(self.layers), samples, []
         self.calls = [0] * self.total
         self.started = self.last = time.time()
@@ -515,8 +540,9 @@ def layer_memory_estimate(ckpt: Checkpoint, num_samples: int, max_seq_len: int) 
     held in host memory. Host peak is about the offload's CPU share plus this cache plus one layer in transit.
     """
     per_layer: dict[str, int] = {}
+    layer = (family_for(ckpt.config) or V4).layer
     for name in staged_tensor_names(ckpt):
-        m = re.match(r"^layers\.(\d+)\.", name)
+        m = layer.match(name)
         if m:
             info = ckpt.tensors[name]
             width = 2 if info.dtype == "F8_E4M3" else info.nbytes // max(math.prod(info.shape), 1)
@@ -565,13 +591,15 @@ def cpu_budget_gb(estimate: dict[str, float], host_gb: float, num_samples: int, 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 4: the calibrated tensors and activation scales
 # ---------------------------------------------------------------------------------------------------------------
-def saved_tensors(saved_dir: str) -> dict[str, TensorInfo]:
-    """llm-compressor's save, by DeepSeek name (``model.`` prefix dropped)."""
+def saved_tensors(saved_dir: str, family: Family = V4) -> dict[str, TensorInfo]:
+    """llm-compressor's save, by the checkpoint's names (V4: transformers' ``model.`` prefix dropped; V3's names
+    carry it themselves)."""
+    prefix = "model." if family.hf_renames else ""
     out: dict[str, TensorInfo] = {}
     for name in sorted(os.listdir(saved_dir)):
         if name.endswith(".safetensors"):
             tensors, _ = read_header(os.path.join(saved_dir, name))
-            out.update({k.removeprefix("model."): v for k, v in tensors.items()})
+            out.update({k.removeprefix(prefix): v for k, v in tensors.items()})
     return out
 
 
@@ -580,18 +608,22 @@ def input_amax_of(global_scale: float) -> float:
     return GLOBAL_SCALE_DIVISOR / global_scale if math.isfinite(global_scale) and global_scale > 0 else math.nan
 
 
-def collect_activation_amax(saved: dict[str, TensorInfo], quantized: list[str], joint_scale: str) -> CalibrationResult:
+def collect_activation_amax(saved: dict[str, TensorInfo], quantized: list[str], joint_scale: str,
+                            family: Family = V4, num_hidden_layers: int | None = None) -> CalibrationResult:
     """Input amax for every module Path A quantizes, with fallbacks; checks what vLLM relies on.
 
     Raises :class:`PathBError` if llm-compressor saved a quantized module under another name or without one of its
     tensors, or if a fused group (an expert's w1/w3) got different weight global scales.
     """
+    def is_mtp(module: str) -> bool:
+        return family.is_mtp(module, num_hidden_layers)
+
     trunk = [m for m in quantized if not is_mtp(m)]
     missing = [f"{m}.{s}" for m in trunk for s in NVFP4_SUFFIXES if f"{m}.{s}" not in saved]
     if missing:
         raise PathBError(f"llm-compressor's save lacks {len(missing)} quantized tensors (expert names on save?), "
                          f"e.g. {missing[:4]}")
-    _check_joint_global_scales(saved, trunk, joint_scale)
+    _check_joint_global_scales(saved, trunk, joint_scale, family)
     amax = {m: input_amax_of(float(read_tensor(saved[f"{m}.input_global_scale"]).float().reshape(-1)[0])) for m in trunk}
     fallbacks: dict[str, str] = {}
     by_peer: dict[str, list[str]] = {}
@@ -607,17 +639,18 @@ def collect_activation_amax(saved: dict[str, TensorInfo], quantized: list[str], 
                 fallbacks[m] = f"no usable calibrated scale: max input amax of {len(good)} peers in {key}"
     by_proj: dict[str, list[float]] = {}
     for m in trunk:
-        by_proj.setdefault(projection_key(m), []).append(amax[m])
+        by_proj.setdefault(projection_key(m, family), []).append(amax[m])
     for m in quantized:
         if is_mtp(m):
-            peers = by_proj.get(projection_key(m))
+            key = projection_key(m, family)
+            peers = by_proj.get(key)
             if not peers:
-                raise PathBError(f"{m}: the MTP block is not calibrated and the trunk has no {projection_key(m)} peer")
+                raise PathBError(f"{m}: the MTP block is not calibrated and the trunk has no {key} peer")
             amax[m] = max(peers)
-            fallbacks[m] = f"MTP is not built by transformers: max input amax of the trunk's {projection_key(m)}"
+            fallbacks[m] = f"MTP is not built by transformers: max input amax of the trunk's {key}"
     for m, why in sorted(fallbacks.items()):
         log.warning("activation scale fallback: %s: %s (amax %.6g)", m, why, amax[m])
-    return CalibrationResult(dict(sorted(amax.items())), fallbacks)
+    return CalibrationResult(dict(sorted(amax.items())), frozenset(trunk), fallbacks)
 
 
 def peer_key(module: str) -> str:
@@ -625,15 +658,21 @@ def peer_key(module: str) -> str:
     return re.sub(r"\.experts\.\d+\.", ".experts.*.", module)
 
 
-def projection_key(module: str) -> str:
-    """One projection across layers: ``ffn.experts.*.w2``."""
-    return re.sub(r"^(layers|mtp)\.\d+\.", "", peer_key(module))
+def projection_key(module: str, family: Family = V4) -> str:
+    """One projection across layers: ``ffn.experts.*.w2`` (V3 ``mlp.experts.*.down_proj``)."""
+    key = peer_key(module)
+    for block in (family.layer, family.mtp):
+        m = block.match(key) if block is not None else None
+        if m:
+            return key[m.end():]
+    return key
 
 
-def _check_joint_global_scales(saved: dict[str, TensorInfo], modules: list[str], joint_scale: str) -> None:
+def _check_joint_global_scales(saved: dict[str, TensorInfo], modules: list[str], joint_scale: str,
+                               family: Family = V4) -> None:
     groups: dict[str, list[str]] = {}
     for m in modules:
-        groups.setdefault(joint_scale_group(m, joint_scale), []).append(m)
+        groups.setdefault(joint_scale_group(m, joint_scale, family.table), []).append(m)
     bad = []
     for group, members in groups.items():
         values = {m: float(read_tensor(saved[f"{m}.weight_global_scale"]).float().reshape(-1)[0]) for m in members}
@@ -678,16 +717,16 @@ def write_output(ckpt: Checkpoint, plan: ConversionPlan, saved: dict[str, Tensor
                             (Piece([t]) for t in _shard_tensors(units, ckpt, plan, layout, saved, result, stats)),
                             {"format": "pt", "producer": f"nvfp4kit {__version__} path B"})
         entry.update(calibration_id=calibration_id, tensors=stats,
-                     modules_from_llmcompressor=sum(len(u.modules) for u in units if _calibrated(u)))
+                     modules_from_llmcompressor=sum(len(u.modules) for u in units if _calibrated(u, result)))
         append_entry(state, entry)
         done[shard.name] = entry
         log.info("wrote %s (%d/%d)", shard.name, k + 1, len(plan.shards))
     return done
 
 
-def _calibrated(unit) -> bool:
+def _calibrated(unit, result: CalibrationResult) -> bool:
     """Units whose tensors come from llm-compressor: NVFP4 outside MTP (transformers builds no MTP)."""
-    return unit.kind == "nvfp4" and not any(map(is_mtp, unit.modules))
+    return unit.kind == "nvfp4" and all(m in result.calibrated for m in unit.modules)
 
 
 def _shard_tensors(units: list, ckpt: Checkpoint, plan: ConversionPlan, layout: Layout,
@@ -696,7 +735,7 @@ def _shard_tensors(units: list, ckpt: Checkpoint, plan: ConversionPlan, layout: 
     (kept FP8, copies, MTP experts), its per-tensor statistics into ``stats``."""
     cpu = torch.device("cpu")
     for unit in units:
-        if _calibrated(unit):
+        if _calibrated(unit, result):
             yield from _calibrated_tensors(unit.modules, unit.outputs, saved, result)
             continue
         for item in read_unit(unit, ckpt.tensors, False):

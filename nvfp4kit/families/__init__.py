@@ -35,6 +35,11 @@ class Family:
     vllm_mtp_model: str  # "module:Class" of the MTP draft model
     formats: tuple[str, ...]  # output layouts (``--format``) an engine loads for this family
     engines: tuple[str, ...]  # ``--engine`` values the kit writes for it
+    # Path B (transformers' model of the family, calibrated by llm-compressor):
+    hf_decoder_layer: str  # transformers' decoder layer class: the sequential pipeline's unit
+    hf_norm: str  # transformers' RMSNorm class (cast to the compute dtype where it keeps float32)
+    hf_renames: str | None  # model_type whose transformers conversion mapping renames the checkpoint's names
+    #   (V4: ``layers.N.attn.wq_a`` -> ``model.layers.N.self_attn.q_a_proj``); None where they are transformers' own
 
     def is_mtp(self, name: str, num_hidden_layers: int) -> bool:
         """Whether a tensor or module belongs to an MTP block (V4 ``mtp.K.``; V3 ``model.layers.{L+K}.``)."""

@@ -94,6 +94,9 @@ V3 = Family(
     # (``nvidia`` is V4's release layout, read by vLLM's DeepseekV4FP8Config only; SGLang: not wired for V3 here)
     formats=("compressed-tensors", "modelopt"),
     engines=("vllm",),
+    hf_decoder_layer="DeepseekV3DecoderLayer",
+    hf_norm="DeepseekV3RMSNorm",
+    hf_renames=None,  # Hugging Face names already: transformers only stacks the experts, which Path B undoes
 )
 V32 = dataclasses.replace(
     V3,
@@ -106,4 +109,6 @@ V32 = dataclasses.replace(
     config_keys=V3.config_keys + ("index_n_heads", "index_head_dim", "index_topk"),
     vllm_model="vllm.models.deepseek_v32.nvidia.model:DeepseekV32ForCausalLM",
     vllm_mtp_model="vllm.models.deepseek_v32.nvidia.mtp:DeepseekV32MTP",
+    hf_decoder_layer="DeepseekV32DecoderLayer",
+    hf_norm="DeepseekV32RMSNorm",
 )

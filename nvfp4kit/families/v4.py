@@ -29,4 +29,7 @@ V4 = Family(
     vllm_mtp_model="vllm.models.deepseek_v4.nvidia.mtp:DeepSeekV4MTP",
     formats=("compressed-tensors", "modelopt", "nvidia"),
     engines=("vllm", "sglang"),
+    hf_decoder_layer="DeepseekV4DecoderLayer",
+    hf_norm="DeepseekV4RMSNorm",
+    hf_renames="deepseek_v4",
 )
