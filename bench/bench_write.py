@@ -6,8 +6,8 @@
 Each run writes ``--gb`` GB into a fresh file in 32 MB pieces (the size of an expert pair's output at V4 Pro
 dimensions), the pieces dealt round-robin to the threads, each writing at the piece's own offset:
 - ``pwrite``: ``os.pwrite`` (the kernel takes the inode's lock for each call: one file's writes serialise);
-- ``mmap``: the file reserved with ``posix_fallocate``, mapped shared, each piece copied in with ``torch``'s
-  ``copy_`` (outside the interpreter lock; page faults, not the inode lock).
+- ``mmap``: the file reserved with ``posix_fallocate``, mapped shared, each piece copied in by numpy (outside the
+  interpreter lock; page faults, not the inode lock); ``mmap-populate``: the same, the pages mapped up front.
 Both end with ``fdatasync``. Printed: GB/s per method and thread count, as JSON lines.
 """
 
@@ -20,6 +20,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import torch
 
 PIECE = 32 << 20
@@ -48,15 +49,17 @@ def bench_pwrite(path: str, size: int, threads: int, src: torch.Tensor) -> float
     return dt
 
 
-def bench_mmap(path: str, size: int, threads: int, src: torch.Tensor) -> float:
+def bench_mmap(path: str, size: int, threads: int, src: torch.Tensor, populate: bool = False) -> float:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     t0 = time.perf_counter()
     os.posix_fallocate(fd, 0, size)
-    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    dst = torch.frombuffer(mm, dtype=torch.uint8)
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+    dst = np.frombuffer(mm, dtype=np.uint8)
+    piece = src.numpy()
 
     def write(i: int) -> None:
-        dst[i * PIECE:(i + 1) * PIECE].copy_(src)
+        np.copyto(dst[i * PIECE:(i + 1) * PIECE], piece)
 
     _run(threads, size // PIECE, write)
     os.fdatasync(fd)
@@ -75,14 +78,14 @@ def main() -> None:
     p.add_argument("--pinned", action="store_true", help="the source piece in pinned memory (as on a GPU)")
     args = p.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    torch.set_num_threads(1)  # copy_ of one piece stays on its calling thread: threads are the variable
     size = int(args.gb * 1e9) // PIECE * PIECE
     src = torch.randint(0, 255, (PIECE,), dtype=torch.uint8)
     if args.pinned and torch.cuda.is_available():
         src = src.pin_memory()
     path = os.path.join(args.dir, "bench_write.bin")
     for threads in (int(t) for t in args.threads.split(",")):
-        for name, fn in (("pwrite", bench_pwrite), ("mmap", bench_mmap)):
+        for name, fn in (("pwrite", bench_pwrite), ("mmap", bench_mmap),
+                         ("mmap-populate", lambda *a: bench_mmap(*a, populate=True))):
             dt = fn(path, size, threads, src)
             os.remove(path)
             print(json.dumps({"method": name, "threads": threads, "gb": size / 1e9, "seconds": round(dt, 3),
