@@ -471,6 +471,7 @@ def run_oneshot(model, tokenizer, data, ignore: list[str], save_dir: str, settin
                     sequential_targets=[family.hf_decoder_layer], num_calibration_samples=len(data),
                     max_seq_length=settings.max_seq_len, shuffle_calibration_samples=False,
                     moe_calibrate_all_experts=True, output_dir=save_dir, save_compressed=True)
+        progress.end()
     finally:
         progress.close()
     return progress.records
@@ -495,22 +496,32 @@ class LayerProgress:
     """Logs each decoder layer as the sequential pipeline finishes it: elapsed, ETA and peak memory.
 
     The pipeline runs a layer once per sample to calibrate and once more per sample to propagate its output to the
-    next layer, so a layer is done after ``2 * samples`` forward calls.
+    next layer, so a layer is done after ``2 * samples`` forward calls, or at the latest when a later layer runs
+    or the pipeline ends (:meth:`end`): how many passes a layer gets is llm-compressor's choice, and a count
+    that never arrives must not silence the log (it did on a GPU run with one layer).
     """
 
     def __init__(self, model: torch.nn.Module, samples: int, layer_class: str = V4.hf_decoder_layer) -> None:
         self.layers = [m for m in model.modules() if type(m).__name__ == layer_class]
         self.total, self.samples, self.records = len(self.layers), samples, []
         self.calls = [0] * self.total
+        self.finished: set[int] = set()
         self.started = self.last = time.time()
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
 
     def _hook(self, index: int):
         def hook(module, args, output) -> None:
+            for earlier in range(index):  # a later layer runs: every earlier one is done
+                self._finish(earlier)
             self.calls[index] += 1
             if self.calls[index] == 2 * self.samples:
-                self._finished(index)
+                self._finish(index)
         return hook
+
+    def _finish(self, index: int) -> None:
+        if self.calls[index] and index not in self.finished:
+            self.finished.add(index)
+            self._finished(index)
 
     def _finished(self, index: int) -> None:
         now = time.time()
@@ -525,6 +536,11 @@ class LayerProgress:
                  self.total, now - self.last, _hms(now - self.started), _hms(eta), record["peak_host_rss_gb"],
                  f", peak GPU {record['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in record else "")
         self.last = now
+
+    def end(self) -> None:
+        """The pipeline is through: a layer not yet logged is done."""
+        for index in range(self.total):
+            self._finish(index)
 
     def close(self) -> None:
         for h in self.handles:

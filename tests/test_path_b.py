@@ -408,3 +408,26 @@ def test_writer_ends_when_a_write_back_request_comes_after_the_flusher_stopped(t
     t.join(timeout=20)
     assert not t.is_alive(), "write_shard hung on a write-back request queued after its flusher stopped"
     assert result and result[0]["size"] == os.path.getsize(tmp_path / "s.safetensors")
+
+
+def test_layer_progress_logs_every_layer_whatever_passes_the_pipeline_makes(caplog):
+    """A layer is logged after 2 x samples calls, when a later layer runs, or when the pipeline ends: one pass per
+    sample (no propagation pass), or a single layer, still log every layer once, in order."""
+    import logging
+
+    from nvfp4kit.calibrate import LayerProgress
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    model = torch.nn.Sequential(Block(), Block(), Block())
+    progress = LayerProgress(model, samples=4, layer_class="Block")
+    with caplog.at_level(logging.INFO, logger="nvfp4kit"):
+        for layer in model:  # the sequential pipeline: layer by layer, one pass per sample only
+            for _ in range(4):
+                layer(torch.zeros(1))
+        progress.end()
+    progress.close()
+    assert [r["layer"] for r in progress.records] == [0, 1, 2]
+    assert len([m for m in caplog.messages if m.startswith("calibrated layer")]) == 3
