@@ -55,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         convert(src, a16, Options(), Settings())
         with open(os.path.join(dst, REPORT_NAME)) as f:
             report = json.load(f)
-        out[preset] = {"src": src, "dst": dst, "a16": a16, "log": proc.stderr, "report": report,
+        out[preset] = {"src": src, "dst": dst, "a16": a16, "log": proc.stderr, "report": report, "data": data,
                        "plan": build_plan(open_checkpoint(src), Options())}
     return out
 
@@ -145,3 +145,35 @@ def test_verify_and_vllms_own_loaders_accept_every_tensor_mtp_included(vllm_pyth
     v32 = loads[os.path.abspath(runs["v32-tiny"]["dst"])]
     assert family_for(open_checkpoint(runs["v32-tiny"]["src"]).config).name == "deepseek_v32"
     assert v32.schemes["model.layers.0.self_attn.indexer.wk"] == "unquantized"
+
+
+def test_killed_while_writing_its_output_resumes_to_the_same_bytes(runs, tmp_path):
+    """V3 through the one shard writer: SIGKILL between an output shard's rename and its manifest line, then the
+    same command again, gives the uninterrupted run's files byte for byte."""
+    from test_faults import HOOKS, output_files
+
+    src, data = runs["v3-tiny"]["src"], runs["v3-tiny"]["data"]
+
+    def path_b(dst: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "NVFP4KIT_FAULT"}
+        if fault:
+            env.update(NVFP4KIT_FAULT=fault, PYTHONPATH=os.pathsep.join([HOOKS, REPO]))
+        return subprocess.run([sys.executable, "quantize_llmcompressor.py", "--src", src, "--dst", dst, "--dataset",
+                               data, "--num-samples", "4", "--max-seq-len", "16", "--max-shard-size", "300000"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                              start_new_session=True)  # the kill takes the run's process group, not pytest's
+
+    ref, dst = str(tmp_path / "ref"), str(tmp_path / "out")
+    done = path_b(ref)
+    assert done.returncode == 0, done.stderr[-3000:]
+    staged = len(re.findall(r" staged \S+ \(\d+/\d+ shards\)", done.stderr))  # staging shards use the writer too
+    outputs = [n for n in os.listdir(ref) if n.endswith(".safetensors")]
+    assert staged and len(outputs) >= 3, (staged, outputs)  # the kill lands mid-output
+
+    killed = path_b(dst, fault=f"shard_renamed:{staged + 2}:kill")
+    assert killed.returncode == -9, killed.stderr[-3000:]  # the kill point was reached
+    assert not os.path.exists(os.path.join(dst, "model.safetensors.index.json"))
+    resumed = path_b(dst)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kept = lambda folder: {n: d for n, d in output_files(folder).items() if n != REPORT_NAME}  # (timings)
+    assert kept(dst) == kept(ref)
