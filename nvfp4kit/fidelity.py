@@ -21,6 +21,11 @@ final streams ``h_i`` and the embedding of token ``i + 1`` (zeroed at position 0
 ``x = h_proj(hnorm(h)) + e_proj(enorm(e))``, one decoder layer, then the MTP block's own ``hc_head`` and ``norm`` and
 the shared ``head``; its top-1 at ``i`` is compared with the trunk's at ``i + 1``.
 
+V3 / R1 / V3.1 / V3.2 (Hugging Face names) run the same way with one-layer ``DeepseekV3ForCausalLM`` /
+``DeepseekV32ForCausalLM`` models (hidden states [T, H], no hc streams; logits from ``model.norm`` and ``lm_head``);
+their MTP layer (``model.layers.{num_hidden_layers}.``) follows vLLM's ``DeepSeekMultiTokenPredictorLayer``:
+``eh_proj(concat[enorm(e), hnorm(h)])`` with ``h`` the trunk's normed output, then ``shared_head.norm`` / ``.head``.
+
 W4A4 outputs (the output's config asks for input activations) are run as vLLM runs them: before each NVFP4 expert
 GEMM the activations are quantized to NVFP4 and back (:func:`fake_quantize_activations`, vLLM's
 ``ref_nvfp4_quant_dequant``: 16-element blocks, global scale ``448 * 6 / amax`` from the stored input scale; one
@@ -46,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, open_checkpoint
+from .families import Family, family_for
 from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, GLOBAL_SCALE_DIVISOR, cast_to_e2m1, e2m1_to_float, reconstruction_error
 
 log = logging.getLogger("nvfp4kit.fidelity")
@@ -67,9 +73,13 @@ MAX_LAYER_REL_ERROR = 0.5  # hidden streams after any block
 EXPECTED_KLD_MEAN = 0.1
 EXPECTED_TOP1_AGREEMENT = 0.9
 MTP = "mtp.0."
+MEASURED_FAMILIES = ("deepseek_v4", "deepseek_v3", "deepseek_v32")  # families.Family.name values this module runs
 # MTP-only tensors (the rest of ``mtp.0.*`` is an ordinary decoder layer)
 _MTP_OWN = ("e_proj.", "h_proj.", "enorm.", "hnorm.", "norm.", "hc_head_")
 _OUTER = ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
+# V3's MTP layer (``model.layers.{num_hidden_layers}.``): what it holds besides an ordinary decoder layer
+_V3_MTP_OWN = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+_SCALES = (".scale", ".weight_scale_inv")  # FP8 scale companions: the tensor sources decode them into the weight
 
 TensorSource = Callable[[str], torch.Tensor]
 
@@ -150,25 +160,43 @@ def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Ten
     for expert in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
         top_k_pos, token_idx = torch.where(mask[expert])
         x = quantize(hidden_states[token_idx], expert, "gate_up")
-        current = experts._apply_gate(F.linear(x, experts.gate_up_proj[expert]))
+        current = _gate(experts, F.linear(x, experts.gate_up_proj[expert]))
         current = F.linear(quantize(current, expert, "down"), experts.down_proj[expert])
         current = current * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, current.to(final.dtype))
     return final
 
 
-def serve_w4a4(model, prefix: str, input_amax: dict[str, float]) -> int:
+def _gate(experts, gate_up: torch.Tensor) -> torch.Tensor:
+    """The experts' activation on the fused gate/up GEMM: V4's own (clamped SiLU), else V3's ``act(gate) * up``."""
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+def serve_w4a4(model, prefix: str, input_amax: dict[str, float], family: Family | None = None) -> int:
     """Make the routed experts of the one-block ``model`` quantize their activations with the output's input
-    scales (native module names under ``prefix``, e.g. ``layers.3.``); returns how many experts are affected."""
-    experts = model.model.layers[0].mlp.experts
+    scales (checkpoint module names under ``prefix``, e.g. ``layers.3.`` or ``model.layers.3.``; the family's
+    expert pattern reads them, V4's by default); returns how many experts are affected."""
+    from .families.v4 import V4
+
+    family = family or V4
     gate_up, down = {}, {}
-    for e in range(experts.num_experts):
-        m = f"{prefix}ffn.experts.{e}."
-        if m + "w1" in input_amax:
-            gate_up[e] = max(input_amax[m + "w1"], input_amax[m + "w3"])  # one scale per fused GEMM: the larger
-            down[e] = input_amax[m + "w2"]
+    for module, value in input_amax.items():
+        m = family.expert.search(module + ".weight") if module.startswith(prefix) else None
+        if m is None:  # (the prefix ends with a dot: ``layers.3.`` never matches layer 30)
+            continue
+        e = int(m.group(1))
+        # the projection whose rows are hidden_size is the down GEMM; gate and up share one fused GEMM, whose
+        # one scale is the larger amax of the two, as vLLM's MoE takes it
+        if family.expert_rows[m.group(2)] == "hidden_size":
+            down[e] = value
+        else:
+            gate_up[e] = max(gate_up.get(e, 0.0), value)
     if not gate_up:
         return 0
+    experts = model.model.layers[0].mlp.experts  # (after the check: V3's dense layers have none)
     amax = {"gate_up": gate_up, "down": down}
 
     def quantize(x: torch.Tensor, expert: int, gemm: str) -> torch.Tensor:
@@ -219,16 +247,61 @@ def block_state_dict(src: Checkpoint, block: int | str, fetch: TensorSource, out
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
+def v3_block_state_dict(src: Checkpoint, block: int | str, fetch: TensorSource, outer: dict[str, torch.Tensor],
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """:func:`block_state_dict` for the V3 family (Hugging Face names): layer ``block`` (or the MTP layer,
+    ``num_hidden_layers``) renamed to ``model.layers.0.``, plus every tensor outside the layers (embedding, final
+    norm, ``lm_head``); for MTP its own embedding, ``shared_head.norm`` as the final norm and ``shared_head.head``
+    (else ``lm_head``) as the head, as vLLM's ``DeepSeekMultiTokenPredictor`` uses them."""
+    from .hf_model import _layer_of
+
+    index = str(src.config["num_hidden_layers"] if block == "mtp" else block)
+    state, outside = {}, []
+    for name in src.tensors:
+        if name.endswith(_SCALES):
+            continue
+        layer = _layer_of(name, src.config)
+        if layer is None:
+            outside.append(name)
+        elif layer[1] == index and not (block == "mtp" and layer[2].startswith(_V3_MTP_OWN)):
+            state[f"{layer[0]}0.{layer[2]}"] = fetch(name)
+    mtp = _mtp_prefix(src)
+    for name in outside:
+        source_name = name
+        if block == "mtp":  # the MTP layer's own tensor in the same role, where it has one
+            own = {"embed_tokens": "embed_tokens.weight", "norm": "shared_head.norm.weight",
+                   "lm_head": "shared_head.head.weight"}.get(name.split(".")[-2])
+            source_name = mtp + own if own and mtp + own in src.tensors else name
+        if source_name not in outer:
+            outer[source_name] = fetch(source_name)
+        state[name] = outer[source_name]
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def one_block_model(src: Checkpoint, block: int | str, fetch: TensorSource, outer: dict, dtype: torch.dtype):
     """transformers ``DeepseekV4ForCausalLM`` with one decoder layer: trunk layer ``block`` or the MTP block (config
     entry ``num_hidden_layers``: compress ratio 0, learned router), experts run by transformers' eager loop. Raises if
-    any key fails to load."""
+    any key fails to load. V3 family: ``DeepseekV3ForCausalLM`` / ``DeepseekV32ForCausalLM`` (config.json's
+    architecture) from :func:`v3_block_state_dict`."""
+    import transformers
     from transformers import DeepseekV4ForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from .hf_model import hf_config
+    from .hf_model import hf_config, is_v3
 
     hf_logging.disable_progress_bar()  # a bar per block would fill a tee'd log with carriage returns
+
+    if is_v3(src.config):
+        index = int(src.config["num_hidden_layers"]) if block == "mtp" else int(block)
+        model_class = getattr(transformers, src.config["architectures"][0])
+        state = v3_block_state_dict(src, block, fetch, outer, dtype)
+        model, info = model_class.from_pretrained(
+            None, config=hf_config(src.config, [index]), state_dict=state, dtype=dtype, output_loading_info=True,
+            experts_implementation="eager")
+        bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
+        if bad or info["error_msgs"]:
+            raise ValueError(f"block {block}: transformers did not load cleanly: {bad} {info['error_msgs']}")
+        return model.eval()
 
     index = int(src.config["num_hidden_layers"]) if block == "mtp" else int(block)
     config = src.config
@@ -292,6 +365,44 @@ def mtp_input(model, fetch: TensorSource, ids: torch.Tensor, final: torch.Tensor
         return (h + e.unsqueeze(-2)).cpu()
 
 
+def v3_mtp_input(model, fetch: TensorSource, ids: torch.Tensor, final: torch.Tensor, dtype: torch.dtype,
+                 mtp_prefix: str, final_norm: torch.Tensor) -> torch.Tensor:
+    """The V3 MTP layer's input [T-1, H] (vLLM's ``DeepSeekMultiTokenPredictorLayer``): position i gets
+    ``eh_proj(concat[enorm(embed(token i + 1)), hnorm(h_i)])``, the embedding zeroed at position 0; ``h_i`` is what
+    the trunk hands the draft model, its last layer's output through the final norm (``final_norm``)."""
+    device = next(model.parameters()).device
+    norm_class, eps = type(model.model.norm), float(model.config.rms_norm_eps)  # the family's own RMSNorm
+
+    def rms(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        norm = norm_class(weight.shape[0], eps=eps).to(device)
+        norm.weight.data = weight.to(device, norm.weight.dtype)
+        return norm(x).to(dtype)
+
+    with torch.no_grad():
+        embeds = model.model.embed_tokens(ids[1:].to(device))  # (the MTP layer's own embedding, as loaded)
+        embeds[0] = 0
+        h = rms(final_norm, final[:-1].to(device, dtype))
+        e = rms(fetch(f"{mtp_prefix}enorm.weight"), embeds.to(dtype))
+        h = rms(fetch(f"{mtp_prefix}hnorm.weight"), h)
+        return F.linear(torch.cat([e, h], dim=-1), fetch(f"{mtp_prefix}eh_proj.weight").to(device, dtype)).cpu()
+
+
+def _layer_prefix(src: Checkpoint, n: int) -> str:
+    """Checkpoint prefix of decoder layer ``n`` (V4 ``layers.N.``, V3 ``model.layers.N.``), from its tensor names."""
+    from .hf_model import _layer_of
+
+    for name in src.tensors:
+        layer = _layer_of(name, src.config)
+        if layer is not None and layer[1] == str(n):
+            return f"{layer[0]}{n}."
+    raise ValueError(f"no tensor of layer {n} in {src.root}")
+
+
+def _mtp_prefix(src: Checkpoint) -> str:
+    """V3 family: the MTP layer's prefix, layer ``num_hidden_layers`` under the trunk layers' naming."""
+    return _layer_prefix(src, 0)[:-2] + f"{int(src.config['num_hidden_layers'])}."
+
+
 def _release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -300,6 +411,15 @@ def _release(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The measurement
 # ---------------------------------------------------------------------------------------------------------------
+def unmeasurable(config: dict) -> str | None:
+    """Why the fidelity run cannot be made for this checkpoint's family (None where it can): a one-line reason
+    that verify reports as NOT RUN, since an unmeasured model must not pass a requested measurement."""
+    family = family_for(config)  # None: not a model the kit knows, which the static check already fails
+    if family is not None and family.name not in MEASURED_FAMILIES:
+        return f"fidelity is not measured for {family.title} (block_forward still applies)"
+    return None
+
+
 def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = DEFAULT_TOKENS,
                      device: str | None = None, dtype: torch.dtype | None = None, mtp: bool = True,
                      quantize_activations: bool | None = None) -> dict:
@@ -314,6 +434,7 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     (W4A4: activations quantized with its input scales); False serves the same weights W4A16, which shows what
     W4A4 costs on top.
     """
+    from .families.v4 import V4
     from .verify import config_w4a4, decoded_source, quant_config, take_inventory
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -322,6 +443,9 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     problems = [f"source: {p}" for p in src_ckpt.problems] + [f"output: {p}" for p in out_ckpt.problems]
     if problems:
         return {"figures": {}, "problems": problems[:10], "evidence": []}
+    why = unmeasurable(src_ckpt.config)
+    if why:
+        raise ValueError(why)
     from .hf_model import dequantized_source
 
     inv = take_inventory(out_ckpt)
@@ -331,6 +455,7 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     data = data or default_data()
     seqs = token_sequences(src, data, tokens)
     n_layers = int(src_ckpt.config["num_hidden_layers"])
+    family = family_for(src_ckpt.config) or V4
     streams: dict[str, list] = {s: [None] * len(seqs) for s in sides}
     logits: dict[str, list] = {s: [None] * len(seqs) for s in sides}
     outer: dict[str, dict] = {s: {} for s in sides}
@@ -342,7 +467,7 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
         for side, fetch in sides.items():
             model = one_block_model(src_ckpt, n, fetch, outer[side], dtype).to(dev)
             if side == "output" and w4a4:
-                serve_w4a4(model, f"layers.{n}.", amax)
+                serve_w4a4(model, _layer_prefix(src_ckpt, n), amax, family)
             for i, ids in enumerate(seqs):
                 streams[side][i], lg = run_block(model, ids, streams[side][i], logits=n == n_layers - 1)
                 if lg is not None:
@@ -358,7 +483,8 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     figures.update(per_layer=per_layer, sequences=len(seqs), w4a4=w4a4, device=str(dev), dtype=str(dtype),
                    data=data, seconds_per_block=seconds)
     evidence = []
-    if mtp and f"{MTP}e_proj.weight" in src_ckpt.tensors:
+    has_mtp = (f"{MTP}e_proj.weight" if family is V4 else f"{_mtp_prefix(src_ckpt)}eh_proj.weight") in src_ckpt.tensors
+    if mtp and has_mtp:
         started = time.time()
         figures["mtp"] = mtp_figures(src_ckpt, sides, outer, seqs, streams, logits, amax if w4a4 else {}, dev, dtype)
         seconds.append(round(time.time() - started, 3))
@@ -411,17 +537,27 @@ def mtp_figures(src_ckpt: Checkpoint, sides: dict, outer: dict, seqs: list, stre
                 amax: dict[str, float], dev: torch.device, dtype: torch.dtype) -> dict:
     """Agreement of the MTP block's top-1 at position i with the trunk's at i + 1 (both predict token i + 2), per
     weight set; position 0 (embedding masked) is not scored."""
+    from .hf_model import is_v3
+
+    v3 = is_v3(src_ckpt.config)
     figures: dict = {"measured": True, "how": "MTP block built from V4's definition around transformers' decoder "
                      "layer (transformers builds none)"}
+    if v3:
+        figures["how"] = ("MTP layer built from V3's definition (vLLM's DeepSeekMultiTokenPredictorLayer) around "
+                          "transformers' decoder layer (transformers builds none)")
     for side, fetch in sides.items():
         model = one_block_model(src_ckpt, "mtp", fetch, outer[side], dtype).to(dev)
         if side == "output" and amax:
-            serve_w4a4(model, MTP, amax)
+            serve_w4a4(model, _mtp_prefix(src_ckpt) if v3 else MTP, amax, family_for(src_ckpt.config))
         hits = total = 0
         for i, ids in enumerate(seqs):
             if len(ids) < 3:
                 continue
-            x = mtp_input(model, fetch, ids, streams[side][i], dtype)
+            if v3:  # the trunk's final norm, cached by its last block under its own name
+                final_norm = outer[side][next(n for n in outer[side] if n.split(".")[-2] == "norm")]
+                x = v3_mtp_input(model, fetch, ids, streams[side][i], dtype, _mtp_prefix(src_ckpt), final_norm)
+            else:
+                x = mtp_input(model, fetch, ids, streams[side][i], dtype)
             _, lg = run_block(model, ids[1:], x, logits=True)
             hits += int((lg[1:].argmax(-1) == logits[side][i][2:].argmax(-1)).sum())
             total += len(ids) - 2

@@ -1087,8 +1087,11 @@ def check_fidelity(dst: str, src: str, data: str | None, tokens: int | None, dev
     """:func:`nvfp4kit.fidelity.measure_fidelity` as a check (its figures in ``details``, its bounds in
     docs/fidelity.md); the output's model card gets the figures."""
     from .card import update_card_fidelity
-    from .fidelity import DEFAULT_TOKENS, measure_fidelity
+    from .fidelity import DEFAULT_TOKENS, measure_fidelity, unmeasurable
 
+    why = unmeasurable(read_config(src)[0])
+    if why:  # requested but not measurable: NOT RUN (the result is INCOMPLETE), never a PASS
+        return _skip("fidelity", why)
     measured = measure_fidelity(dst, src, data, tokens or DEFAULT_TOKENS, device)
     result = _result("fidelity", measured["evidence"], measured["problems"])
     result.details = measured["figures"]
