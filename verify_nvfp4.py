@@ -14,6 +14,7 @@ could not run, e.g. no source: not verified); 2 when OUT cannot be read as a che
 """
 
 import argparse
+import os
 
 from nvfp4kit.cli import run_main, setup_logging
 from nvfp4kit.verify import all_passed, format_report, verify, write_json
@@ -21,6 +22,14 @@ from nvfp4kit.verify import all_passed, format_report, verify, write_json
 
 def sample_arg(text: str) -> int | None:
     return None if text == "all" else int(text)
+
+
+def tokens_arg(text: str) -> int:
+    """At least two tokens: one teacher-forced prediction needs a token and its successor."""
+    n = int(text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{n} tokens: one prediction needs at least 2")
+    return n
 
 
 def main() -> int:
@@ -47,10 +56,15 @@ def main() -> int:
     p.add_argument("--fidelity-data", metavar="FILE",
                    help="text for --fidelity: Path B's JSONL (messages/conversations/text rows) or plain text "
                         "(default: the kit's nvfp4kit/data/fidelity.jsonl)")
-    p.add_argument("--fidelity-tokens", type=int, metavar="N", help="tokens for --fidelity (default 2048)")
+    p.add_argument("--fidelity-tokens", type=tokens_arg, metavar="N", help="tokens for --fidelity (default 2048)")
     p.add_argument("--device", help="device for --fidelity, e.g. cuda or cpu (default: cuda where present)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()
+    # Refused before any check runs: a run of many minutes must not end in a FAIL for a flag.
+    if not args.fidelity and (args.fidelity_data or args.fidelity_tokens):
+        p.error("--fidelity-data and --fidelity-tokens only apply with --fidelity")
+    if args.fidelity_data and not os.path.isfile(args.fidelity_data):
+        p.error(f"--fidelity-data {args.fidelity_data}: no such file")
     setup_logging()
     results = verify(args.dst, src=args.src, sample=args.sample, layer=args.layer, forward=not args.no_forward,
                      vllm_generate=not args.no_vllm, tp=args.tp, vllm_dry_load=args.vllm_dry_load,

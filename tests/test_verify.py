@@ -208,3 +208,26 @@ def test_stray_activation_scale_on_a_weight_only_checkpoint_fails_static(tiny_ou
         ix["metadata"].update(total_size=ix["metadata"]["total_size"] + 4)))
     problems = static_problems(bad)
     assert len(problems) == 1 and problems[0].startswith(f"{EXPERT}.w1.input_global_scale: stray tensor")
+
+
+FIDELITY_FLAG_ERRORS = {
+    "no data file": (["--fidelity", "--fidelity-data", "/nonexistent/text.jsonl"], "no such file"),
+    "too few tokens": (["--fidelity", "--fidelity-tokens", "1"], "at least 2"),
+    "negative tokens": (["--fidelity", "--fidelity-tokens", "-5"], "at least 2"),
+    "tokens without --fidelity": (["--fidelity-tokens", "64"], "only apply with --fidelity"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIDELITY_FLAG_ERRORS))
+def test_fidelity_flag_errors_are_one_line_before_any_check(tmp_path, case):
+    """A flag --fidelity cannot use is refused at once (exit 2, one error line), not after every other check as a
+    FAIL, nor silently replaced by the default (``--fidelity-tokens 0`` ran 2048 tokens)."""
+    import subprocess
+
+    flags, fragment = FIDELITY_FLAG_ERRORS[case]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), str(tmp_path), *flags],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and fragment in errors[0], run.stderr
+    assert run.stdout == ""  # no check ran
