@@ -16,7 +16,7 @@ import argparse
 
 from nvfp4kit.calibrate import CalibrationSettings, quantize_with_llmcompressor
 from nvfp4kit.calibration_data import DEFAULT_DATASET
-from nvfp4kit.cli import ArgumentParser, add_plan_flags, options_from_args, run_main, setup_logging
+from nvfp4kit.cli import ArgumentParser, add_plan_flags, at_least, options_from_args, run_main, setup_logging
 
 
 def main() -> int:
@@ -27,12 +27,13 @@ def main() -> int:
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="local JSONL/Parquet/Arrow file or folder, or a hub dataset name (default: %(default)s)")
     p.add_argument("--split", help="hub split (default: train_sft for ultrachat_200k, else train)")
-    p.add_argument("--num-samples", type=int, default=256)
-    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--num-samples", type=at_least(1), default=256)
+    p.add_argument("--max-seq-len", type=at_least(2, why=": a calibration sample needs a token and its successor"),
+                   default=4096)
     p.add_argument("--seed", type=int, default=42, help="calibration sample shuffle seed")
     p.add_argument("--offload-dir", help="work folder on NVMe: BF16 staging checkpoint, disk offload, "
                                          "llm-compressor's save (default: DST.offload)")
-    p.add_argument("--max-cpu-memory", type=float, metavar="GB",
+    p.add_argument("--max-cpu-memory", type=at_least(0, float), metavar="GB",
                    help="model share kept in host memory, the rest offloaded to disk (default: physical memory "
                         "minus the activation cache, one layer and 10 GB; a cache that does not fit is refused)")
     p.add_argument("--keep-offload", action="store_true", help="keep the work folder after success")

@@ -16,24 +16,16 @@ could not run, e.g. no source: not verified); 2 when OUT cannot be read as a che
 import argparse
 import os
 
-from nvfp4kit.cli import run_main, setup_logging
+from nvfp4kit.cli import ArgumentParser, at_least, run_main, setup_logging
 from nvfp4kit.verify import all_passed, format_report, verify, write_json
 
 
 def sample_arg(text: str) -> int | None:
-    return None if text == "all" else int(text)
-
-
-def tokens_arg(text: str) -> int:
-    """At least two tokens: one teacher-forced prediction needs a token and its successor."""
-    n = int(text)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"{n} tokens: one prediction needs at least 2")
-    return n
+    return None if text == "all" else at_least(0)(text)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dst", metavar="OUT", help="the converted checkpoint folder")
     p.add_argument("--src", help="the FP8 source (default: the source recorded by the converter, if present)")
     p.add_argument("--sample", type=sample_arg, default=None, metavar="N|all",
@@ -56,7 +48,8 @@ def main() -> int:
     p.add_argument("--fidelity-data", metavar="FILE",
                    help="text for --fidelity: Path B's JSONL (messages/conversations/text rows) or plain text "
                         "(default: the kit's nvfp4kit/data/fidelity.jsonl)")
-    p.add_argument("--fidelity-tokens", type=tokens_arg, metavar="N", help="tokens for --fidelity (default 2048)")
+    p.add_argument("--fidelity-tokens", type=at_least(2, why=": one prediction needs a token and its successor"),
+                   metavar="N", help="tokens for --fidelity (default 2048)")
     p.add_argument("--device", help="device for --fidelity, e.g. cuda or cpu (default: cuda where present)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = p.parse_args()

@@ -42,6 +42,21 @@ def regex(text: str) -> str:
     return text
 
 
+def at_least(minimum: float, kind: type = int, why: str = "") -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` no smaller than ``minimum`` (``why``: the reason, for the message)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}{why}")
+        return value
+
+    return parse
+
+
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     """Flags that change what Path A writes (and so its resume fingerprint)."""
     p.add_argument("--engine", choices=ENGINES, default="vllm",

@@ -234,6 +234,28 @@ def test_an_encoder_without_encode_messages_is_one_line_naming_it(tiny_src, runs
     assert not os.path.exists(dst) and not os.path.exists(dst + ".offload")
 
 
+PATH_B_FLAG_ERRORS = {
+    "no samples": (["--num-samples", "0"], "--num-samples: 0 is below 1"),
+    "negative samples": (["--num-samples", "-3"], "--num-samples: -3 is below 1"),
+    "one-token samples": (["--max-seq-len", "1"], "--max-seq-len: 1 is below 2"),
+    "negative host memory": (["--max-cpu-memory", "-1"], "--max-cpu-memory: -1 is below 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(PATH_B_FLAG_ERRORS))
+def test_flag_errors_are_one_line_before_any_work(tmp_path, case):
+    """Was an AssertionError traceback deep in the memory estimate (--num-samples 0), or accepted and carried on
+    to the dataset (--max-cpu-memory -1)."""
+    flags, fragment = PATH_B_FLAG_ERRORS[case]
+    dst = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, "quantize_llmcompressor.py", "--src", str(tmp_path), "--dst", dst, *flags],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], run.stderr
+    assert not os.path.exists(dst)
+
+
 def test_an_encoder_that_fails_to_load_names_its_file(tmp_path):
     encoder = tmp_path / "encoding" / "encoding_dsv4.py"
     encoder.parent.mkdir()

@@ -212,8 +212,8 @@ def test_stray_activation_scale_on_a_weight_only_checkpoint_fails_static(tiny_ou
 
 FIDELITY_FLAG_ERRORS = {
     "no data file": (["--fidelity", "--fidelity-data", "/nonexistent/text.jsonl"], "no such file"),
-    "too few tokens": (["--fidelity", "--fidelity-tokens", "1"], "at least 2"),
-    "negative tokens": (["--fidelity", "--fidelity-tokens", "-5"], "at least 2"),
+    "too few tokens": (["--fidelity", "--fidelity-tokens", "1"], "below 2"),
+    "negative tokens": (["--fidelity", "--fidelity-tokens", "-5"], "below 2"),
     "tokens without --fidelity": (["--fidelity-tokens", "64"], "only apply with --fidelity"),
 }
 
