@@ -18,7 +18,8 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from nvfp4kit.cli import ArgumentParser, add_plan_flags, options_from_args, run_main, setup_logging  # noqa: E402
+from nvfp4kit.cli import (  # noqa: E402
+    ArgumentParser, add_plan_flags, at_least, options_from_args, run_main, setup_logging)
 from nvfp4kit.convert import Settings, convert  # noqa: E402
 from nvfp4kit.progress import DEFAULT_EVERY_SECONDS  # noqa: E402
 from nvfp4kit.ranks import local_gpu_slot, share_from_env  # noqa: E402
@@ -41,7 +42,7 @@ def main(read_ahead: SourceReadAhead | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the expected size; write nothing")
     p.add_argument("--no-verify-resume", action="store_true",
                    help="on resume, trust finished shards by size instead of re-hashing them")
-    p.add_argument("--progress-every", type=float, default=DEFAULT_EVERY_SECONDS, metavar="SECONDS",
+    p.add_argument("--progress-every", type=at_least(0, float), default=DEFAULT_EVERY_SECONDS, metavar="SECONDS",
                    help="when stderr is not a terminal (a tee'd log), a progress line every SECONDS (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()

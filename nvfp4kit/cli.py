@@ -57,6 +57,17 @@ def at_least(minimum: float, kind: type = int, why: str = "") -> Callable[[str],
     return parse
 
 
+def shard_size(text: str) -> int:
+    """A ``--max-shard-size`` value: a size above zero (``5GB``, ``500MB``, ``2GiB``)."""
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: a shard size must be above zero")
+    return size
+
+
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     """Flags that change what Path A writes (and so its resume fingerprint)."""
     p.add_argument("--engine", choices=ENGINES, default="vllm",
@@ -75,7 +86,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="also quantize FP8 modules whose name matches (re.search), e.g. 'shared_experts'")
     p.add_argument("--keep", action="append", default=[], metavar="REGEX", type=regex,
                    help="keep FP8 modules whose name matches, even if the default quantizes them")
-    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_SIZE,
+    p.add_argument("--max-shard-size", type=shard_size, default=DEFAULT_MAX_SHARD_SIZE,
                    help="output shard size, e.g. 5GB (default)")
 
 

@@ -754,6 +754,9 @@ FLAG_ERRORS = {
     "activation scales not JSON": (("--activation-scales", _not_json), "cannot read it"),
     "destination is a file": (("--dst", _a_file), "is a file, not a folder"),
     "nothing to quantize": (("--keep", ".*"), "nothing to quantize"),
+    "shard size zero": (("--max-shard-size", "0"), "a shard size must be above zero"),
+    "shard size not a size": (("--max-shard-size", "5 gigs"), "not a size"),
+    "negative progress interval": (("--progress-every", "-1"), "-1 is below 0"),
 }
 
 
