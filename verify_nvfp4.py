@@ -14,6 +14,7 @@ could not run, e.g. no source: not verified); 2 when OUT cannot be read as a che
 """
 
 import argparse
+import json
 import os
 
 from nvfp4kit.cli import ArgumentParser, at_least, run_main, setup_logging
@@ -24,16 +25,25 @@ def sample_arg(text: str) -> int | None:
     return None if text == "all" else at_least(0)(text)
 
 
+def _num_hidden_layers(dst: str) -> int | None:
+    """``num_hidden_layers`` of OUT's config.json, or None where it cannot be read (the static check says why)."""
+    try:
+        with open(os.path.join(dst, "config.json")) as f:
+            return int(json.load(f)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main() -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dst", metavar="OUT", help="the converted checkpoint folder")
     p.add_argument("--src", help="the FP8 source (default: the source recorded by the converter, if present)")
     p.add_argument("--sample", type=sample_arg, default=None, metavar="N|all",
                    help="modules compared numerically (default: all for a small checkpoint, else 256)")
-    p.add_argument("--layer", type=int,
+    p.add_argument("--layer", type=at_least(0),
                    help="decoder layer of the one-block forward (default: the first layer with a learned router)")
     p.add_argument("--no-forward", action="store_true", help="skip the one-block forward")
-    p.add_argument("--tp", type=int, help="vLLM tensor-parallel size (default: all GPUs)")
+    p.add_argument("--tp", type=at_least(1), help="vLLM tensor-parallel size (default: all GPUs)")
     p.add_argument("--no-vllm", action="store_true", help="skip vLLM generation even on a GPU")
     p.add_argument("--vllm-dry-load", action=argparse.BooleanOptionalAction, default=True,
                    help="load it with vLLM's own loader on CPU, in vLLM's venv (scripts/setup_vllm_cpu.sh builds "
@@ -58,6 +68,9 @@ def main() -> int:
         p.error("--fidelity-data and --fidelity-tokens only apply with --fidelity")
     if args.fidelity_data and not os.path.isfile(args.fidelity_data):
         p.error(f"--fidelity-data {args.fidelity_data}: no such file")
+    layers = _num_hidden_layers(args.dst)
+    if args.layer is not None and layers is not None and args.layer >= layers:
+        p.error(f"--layer {args.layer}: the model's decoder layers are 0-{layers - 1}")
     setup_logging()
     results = verify(args.dst, src=args.src, sample=args.sample, layer=args.layer, forward=not args.no_forward,
                      vllm_generate=not args.no_vllm, tp=args.tp, vllm_dry_load=args.vllm_dry_load,

@@ -74,7 +74,9 @@ def convert_cli(src: str, dst: str, *flags: str, workers: int = 1, fault: str | 
     cmd = [sys.executable, SCRIPT, "--src", src, "--dst", dst, "--workers", str(workers), *FLAGS, *flags]
     # SIGINT at its default, as in a terminal: a shell that runs the suite in the background starts it ignored,
     # and Python then never turns it into KeyboardInterrupt.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # Bytes, decoded here: text mode would turn each carriage return into a newline, and the piped-log test
+    # could then never see one.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if kill_after is not None:
         try:
@@ -82,7 +84,7 @@ def convert_cli(src: str, dst: str, *flags: str, workers: int = 1, fault: str | 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=timeout)
-    return Run(proc.returncode, stderr, proc.pid)
+    return Run(proc.returncode, stderr.decode("utf-8", "replace"), proc.pid)
 
 
 def assert_group_gone(pgid: int, within: float = 30) -> None:

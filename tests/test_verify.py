@@ -210,24 +210,39 @@ def test_stray_activation_scale_on_a_weight_only_checkpoint_fails_static(tiny_ou
     assert len(problems) == 1 and problems[0].startswith(f"{EXPERT}.w1.input_global_scale: stray tensor")
 
 
-FIDELITY_FLAG_ERRORS = {
+VERIFY_FLAG_ERRORS = {
     "no data file": (["--fidelity", "--fidelity-data", "/nonexistent/text.jsonl"], "no such file"),
     "too few tokens": (["--fidelity", "--fidelity-tokens", "1"], "below 2"),
     "negative tokens": (["--fidelity", "--fidelity-tokens", "-5"], "below 2"),
     "tokens without --fidelity": (["--fidelity-tokens", "64"], "only apply with --fidelity"),
+    "negative layer": (["--layer", "-1"], "-1 is below 0"),
+    "no tensor parallelism": (["--tp", "0"], "0 is below 1"),
+    "layer beyond the model": (["--layer", "5"], "--layer 5: the model's decoder layers are 0-4"),
 }
 
 
-@pytest.mark.parametrize("case", list(FIDELITY_FLAG_ERRORS))
-def test_fidelity_flag_errors_are_one_line_before_any_check(tmp_path, case):
-    """A flag --fidelity cannot use is refused at once (exit 2, one error line), not after every other check as a
-    FAIL, nor silently replaced by the default (``--fidelity-tokens 0`` ran 2048 tokens)."""
+@pytest.mark.parametrize("case", list(VERIFY_FLAG_ERRORS))
+def test_flag_errors_are_one_line_before_any_check(tiny_out, case):
+    """A flag verify cannot use is refused at once (exit 2, one error line), not after every other check as a
+    FAIL or a crash inside one, nor silently replaced by the default (``--fidelity-tokens 0`` ran 2048 tokens)."""
     import subprocess
 
-    flags, fragment = FIDELITY_FLAG_ERRORS[case]
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), str(tmp_path), *flags],
+    flags, fragment = VERIFY_FLAG_ERRORS[case]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), tiny_out, *flags],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and fragment in errors[0], run.stderr
     assert run.stdout == ""  # no check ran
+
+
+def test_a_piped_verify_log_has_no_carriage_return(tiny_out):
+    """``verify_nvfp4.py OUT 2>&1 | tee verify.log``: the block forward's model load printed transformers' "Loading
+    weights" bar, carriage returns and all, into the log."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), tiny_out, "--no-vllm-dry-load"],
+                         capture_output=True)  # bytes: text mode would turn each carriage return into a newline
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert b"[PASS] 7. block_forward" in run.stdout  # the step that loads a model ran
+    assert b"\r" not in run.stdout and b"\r" not in run.stderr, run.stderr[-1000:]
