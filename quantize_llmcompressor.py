@@ -14,9 +14,14 @@ to fp8_to_nvfp4_streaming.py --activation-scales for a Path A W4A4.
 
 import argparse
 
-from nvfp4kit.calibrate import CalibrationSettings, quantize_with_llmcompressor
-from nvfp4kit.calibration_data import DEFAULT_DATASET
-from nvfp4kit.cli import ArgumentParser, add_plan_flags, at_least, options_from_args, run_main, setup_logging
+from nvfp4kit.plain_log import no_bars_unless_a_terminal
+
+no_bars_unless_a_terminal()  # before the libraries import tqdm
+
+from nvfp4kit.calibrate import CalibrationSettings, quantize_with_llmcompressor  # noqa: E402
+from nvfp4kit.calibration_data import DEFAULT_DATASET  # noqa: E402
+from nvfp4kit.cli import (  # noqa: E402
+    ArgumentParser, add_plan_flags, at_least, options_from_args, run_main, setup_logging)
 
 
 def main() -> int:

@@ -17,8 +17,12 @@ import argparse
 import json
 import os
 
-from nvfp4kit.cli import ArgumentParser, at_least, run_main, setup_logging
-from nvfp4kit.verify import all_passed, format_report, verify, write_json
+from nvfp4kit.plain_log import no_bars_unless_a_terminal
+
+no_bars_unless_a_terminal()  # before the libraries import tqdm
+
+from nvfp4kit.cli import ArgumentParser, at_least, run_main, setup_logging  # noqa: E402
+from nvfp4kit.verify import all_passed, format_report, verify, write_json  # noqa: E402
 
 
 def sample_arg(text: str) -> int | None:

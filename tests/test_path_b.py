@@ -215,6 +215,31 @@ def test_killed_while_writing_resumes_to_the_same_bytes(runs, tiny_src, tmp_path
     assert not os.path.exists(work), "the work folder is removed on success"
 
 
+# Bars that compressed-tensors draws with an explicit ``disable=``, once each at start-up: the environment cannot
+# reach them. Every other bar (datasets, transformers, llm-compressor's per-layer Calibrating/Propagating, whose
+# count grows with the model) must be gone from a piped log.
+START_UP_BARS = (b"Dispatching model", b"Applying quantization config")
+
+
+def test_the_command_piped_to_a_log_writes_the_same_bytes_with_plain_progress_lines(runs, tiny_src, tmp_path):
+    """``quantize_llmcompressor.py ... 2>&1 | tee path_b.log``: the libraries' progress bars filled the log with
+    carriage returns (26 bar lines on the tiny model); the kit's per-layer lines carry the progress."""
+    dst = str(tmp_path / "out")
+    run = subprocess.run([sys.executable, "quantize_llmcompressor.py", "--src", tiny_src, "--dst", dst, "--dataset",
+                          runs["data"], "--num-samples", "4", "--max-seq-len", "16", "--max-shard-size", "8MB",
+                          "--offload-dir", str(tmp_path / "work")],
+                         cwd=REPO, capture_output=True, timeout=600)  # bytes: text mode turns CRs into newlines
+    assert run.returncode == 0, run.stderr[-3000:]
+    bars = [line for line in run.stderr.split(b"\n") if b"\r" in line]
+    assert all(any(b in line for b in START_UP_BARS) for line in bars), bars
+    assert len(bars) <= len(START_UP_BARS) * 2, bars  # (the model is dispatched twice: staging, then calibration)
+    assert b"calibrated layer" in run.stderr
+    for name in sorted(os.listdir(runs["b"])):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(dst, name), "rb") as a, open(os.path.join(runs["b"], name), "rb") as b:
+                assert a.read() == b.read(), f"{name}: the command's bytes differ from the same run in-process"
+
+
 # --- refusals before any work --------------------------------------------------------------------------------------
 def test_an_encoder_without_encode_messages_is_one_line_naming_it(tiny_src, runs, tmp_path):
     """The checkpoint's encoding/encoding_dsv4.py lacks encode_messages: exit 2, one line naming the file, no work."""
