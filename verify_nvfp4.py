@@ -14,28 +14,19 @@ could not run, e.g. no source: not verified); 2 when OUT cannot be read as a che
 """
 
 import argparse
-import json
 import os
 
 from nvfp4kit.plain_log import no_bars_unless_a_terminal
 
 no_bars_unless_a_terminal()  # before the libraries import tqdm
 
+from nvfp4kit.checkpoint import read_config  # noqa: E402
 from nvfp4kit.cli import ArgumentParser, at_least, run_main, setup_logging  # noqa: E402
 from nvfp4kit.verify import all_passed, format_report, verify, write_json  # noqa: E402
 
 
 def sample_arg(text: str) -> int | None:
     return None if text == "all" else at_least(0)(text)
-
-
-def _num_hidden_layers(dst: str) -> int | None:
-    """``num_hidden_layers`` of OUT's config.json, or None where it cannot be read (the static check says why)."""
-    try:
-        with open(os.path.join(dst, "config.json")) as f:
-            return int(json.load(f)["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def main() -> int:
@@ -72,9 +63,10 @@ def main() -> int:
         p.error("--fidelity-data and --fidelity-tokens only apply with --fidelity")
     if args.fidelity_data and not os.path.isfile(args.fidelity_data):
         p.error(f"--fidelity-data {args.fidelity_data}: no such file")
-    layers = _num_hidden_layers(args.dst)
-    if args.layer is not None and layers is not None and args.layer >= layers:
-        p.error(f"--layer {args.layer}: the model's decoder layers are 0-{layers - 1}")
+    if args.layer is not None:  # (a config that cannot be read is the static check's to report)
+        layers = read_config(args.dst)[0].get("num_hidden_layers")
+        if isinstance(layers, int) and args.layer >= layers:
+            p.error(f"--layer {args.layer}: the model's decoder layers are 0-{layers - 1}")
     setup_logging()
     results = verify(args.dst, src=args.src, sample=args.sample, layer=args.layer, forward=not args.no_forward,
                      vllm_generate=not args.no_vllm, tp=args.tp, vllm_dry_load=args.vllm_dry_load,

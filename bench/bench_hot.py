@@ -70,6 +70,15 @@ def copy_floor(src: str, out_bytes: int, dst: str) -> float:
     return seconds
 
 
+def pro_layers_source(work: str, layers: int, experts: int) -> str:
+    """WORK/src: a ``pro-layers`` checkpoint (real V4 Pro shapes), generated unless one is there already."""
+    src = os.path.join(work, "src")
+    if not os.path.exists(os.path.join(src, "model.safetensors.index.json")):
+        subprocess.run([sys.executable, "-m", "nvfp4kit.synthetic", "--dst", src, "--preset", "pro-layers", "--layers",
+                        str(layers), "--experts", str(experts), "--jobs", str(os.cpu_count())], check=True, cwd=ROOT)
+    return src
+
+
 def convert(src: str, dst: str, *flags: str) -> tuple[float, str]:
     t0 = time.time()
     run = subprocess.run([sys.executable, SCRIPT, "--src", src, "--dst", dst, "--progress-every", "5", *flags],
@@ -104,11 +113,7 @@ def main() -> None:
     p.add_argument("--disk", help="a folder on the disk: time a cold rerun there too")
     p.add_argument("--json")
     args = p.parse_args()
-    src = os.path.join(args.work, "src")
-    if not os.path.exists(os.path.join(src, "model.safetensors.index.json")):
-        subprocess.run([sys.executable, "-m", "nvfp4kit.synthetic", "--dst", src, "--preset", "pro-layers", "--layers",
-                        str(args.layers), "--experts", str(args.experts), "--jobs", str(os.cpu_count())], check=True,
-                       cwd=ROOT)
+    src = pro_layers_source(args.work, args.layers, args.experts)
     results: dict = {"runs": {}}
     first = None
     for w in [int(x) for x in args.workers.split(",")]:

@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.bench_hot import SCRIPT, summarize  # noqa: E402
+from bench.bench_hot import SCRIPT, pro_layers_source, summarize  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +35,7 @@ def main() -> None:
     args = p.parse_args()
     with open(args.variants) as f:
         variants = json.load(f)
-    src = os.path.join(args.work, "src")
-    if not os.path.exists(os.path.join(src, "model.safetensors.index.json")):
-        subprocess.run([sys.executable, "-m", "nvfp4kit.synthetic", "--dst", src, "--preset", "pro-layers", "--layers",
-                        str(args.layers), "--experts", str(args.experts), "--jobs", str(os.cpu_count())], check=True,
-                       cwd=ROOT)
+    src = pro_layers_source(args.work, args.layers, args.experts)
     first_shards: dict[tuple, dict] = {}  # by extra flags: a different shard size gives different files
     for name, env, flags in variants:
         dst = os.path.join(args.work, "out")

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .families import Family, family_for
+from .families.v4 import V4
 from .nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, GLOBAL_SCALE_DIVISOR, cast_to_e2m1, e2m1_to_float, reconstruction_error
 
 log = logging.getLogger("nvfp4kit.fidelity")
@@ -179,8 +180,6 @@ def serve_w4a4(model, prefix: str, input_amax: dict[str, float], family: Family 
     """Make the routed experts of the one-block ``model`` quantize their activations with the output's input
     scales (checkpoint module names under ``prefix``, e.g. ``layers.3.`` or ``model.layers.3.``; the family's
     expert pattern reads them, V4's by default); returns how many experts are affected."""
-    from .families.v4 import V4
-
     family = family or V4
     gate_up, down = {}, {}
     for module, value in input_amax.items():
@@ -434,7 +433,6 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     (W4A4: activations quantized with its input scales); False serves the same weights W4A16, which shows what
     W4A4 costs on top.
     """
-    from .families.v4 import V4
     from .verify import config_w4a4, decoded_source, quant_config, take_inventory
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

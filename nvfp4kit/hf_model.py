@@ -142,9 +142,6 @@ def load_dequantized_hf_model(
             head, n, rest = layer
             name = f"{head}{new_index[n]}.{rest}"
         state_dict[name] = value
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # its "Loading weights" bar would put carriage returns in a tee'd log
     model, info = model_class.from_pretrained(
         None, config=hf_config(ckpt.config, chosen), state_dict=state_dict, dtype=dtype, output_loading_info=True
     )

@@ -10,6 +10,7 @@ import os
 import runpy
 import shutil
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -225,8 +226,6 @@ VERIFY_FLAG_ERRORS = {
 def test_flag_errors_are_one_line_before_any_check(tiny_out, case):
     """A flag verify cannot use is refused at once (exit 2, one error line), not after every other check as a
     FAIL or a crash inside one, nor silently replaced by the default (``--fidelity-tokens 0`` ran 2048 tokens)."""
-    import subprocess
-
     flags, fragment = VERIFY_FLAG_ERRORS[case]
     run = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), tiny_out, *flags],
                          capture_output=True, text=True)
@@ -239,8 +238,6 @@ def test_flag_errors_are_one_line_before_any_check(tiny_out, case):
 def test_a_piped_verify_log_has_no_carriage_return(tiny_out):
     """``verify_nvfp4.py OUT 2>&1 | tee verify.log``: the block forward's model load printed transformers' "Loading
     weights" bar, carriage returns and all, into the log."""
-    import subprocess
-
     run = subprocess.run([sys.executable, os.path.join(ROOT, "verify_nvfp4.py"), tiny_out, "--no-vllm-dry-load"],
                          capture_output=True)  # bytes: text mode would turn each carriage return into a newline
     assert run.returncode == 0, run.stdout[-3000:]
