@@ -49,7 +49,8 @@ def main() -> None:
         r = summarize(dst, time.time() - started)
         shards = r.pop("shards")
         r["same_bytes"] = first_shards.setdefault(tuple(flags), shards) == shards
-        print(json.dumps({"variant": name, **r}), flush=True)
+        notes = [line for line in run.stderr.splitlines() if line.startswith("EXP ")]  # what a switch reports
+        print(json.dumps({"variant": name, **r, **({"notes": notes[:8]} if notes else {})}), flush=True)
     shutil.rmtree(os.path.join(args.work, "out"), ignore_errors=True)
 
 
