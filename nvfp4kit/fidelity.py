@@ -433,7 +433,7 @@ def measure_fidelity(dst: str, src: str, data: str | None = None, tokens: int = 
     (W4A4: activations quantized with its input scales); False serves the same weights W4A16, which shows what
     W4A4 costs on top.
     """
-    from .verify import config_w4a4, decoded_source, quant_config, take_inventory
+    from .verify.inventory import config_w4a4, decoded_source, quant_config, take_inventory
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)

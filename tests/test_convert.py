@@ -278,7 +278,7 @@ def test_logits_through_compressed_tensors_decoding_stay_close_to_fp8(tiny_src, 
     from compressed_tensors.quantization import preset_name_to_scheme
 
     from nvfp4kit.hf_model import load_dequantized_hf_model
-    from nvfp4kit.verify import decoded_source, take_inventory
+    from nvfp4kit.verify.inventory import decoded_source, take_inventory
 
     out = request.getfixturevalue(output)
     ck = open_checkpoint(out)

@@ -20,7 +20,10 @@ from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
 from nvfp4kit.convert import Settings, convert
 from nvfp4kit.plan import Options
 from nvfp4kit.safetensors_io import read_tensor, save_file
-from nvfp4kit.verify import check_numeric, check_static, take_inventory, verify
+from nvfp4kit.verify import verify
+from nvfp4kit.verify.inventory import take_inventory
+from nvfp4kit.verify.numeric import check_numeric
+from nvfp4kit.verify.static import check_static
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERT = "layers.1.ffn.experts.2"

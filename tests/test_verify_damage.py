@@ -280,11 +280,12 @@ def test_v3_style_source_fails_without_traceback(sharded_out, tmp_path, monkeypa
 def test_a_crashing_check_is_its_own_fail(sharded_out, tiny_src, monkeypatch):
     """An exception nobody foresaw inside one check is that check's FAIL with its text; the other checks still run."""
     import nvfp4kit.verify as verify_module
+    import nvfp4kit.verify.run as verify_run
 
     def crash(*args, **kwargs):
         raise RuntimeError("unforeseen input")
 
-    monkeypatch.setattr(verify_module, "check_model_config", crash)
+    monkeypatch.setattr(verify_run, "check_model_config", crash)  # verify() looks it up in verify/run.py
     results = {r.name: r for r in verify_module.verify(sharded_out, src=tiny_src, sample=0, forward=False,
                                                        vllm_generate=False, vllm_dry_load=False)}
     assert results["model_config"].status == "FAIL"
