@@ -21,7 +21,7 @@ from ..safetensors_io import TensorInfo, TensorSpec, read_tensor, tensor_bytes
 from .finite import READ_CHUNK, tensor_chunks
 from .inventory import Inventory
 from .records import Records
-from .results import CheckResult, _crash, _result
+from .results import CheckResult, crash_line, finding
 
 
 def options_from_json(data: dict) -> Options:
@@ -88,7 +88,7 @@ def check_tensor_set(ckpt: Checkpoint, records: Records, plan: ConversionPlan | 
                                 f"{spec.dtype} {list(spec.shape)}")
     if not problems:
         evidence.append(f"the output's {len(t)} tensors are exactly those")
-    return _result("tensor_set", evidence, problems)
+    return finding("tensor_set", evidence, problems)
 
 
 def check_model_config(ckpt: Checkpoint, source: Checkpoint) -> CheckResult:
@@ -101,7 +101,7 @@ def check_model_config(ckpt: Checkpoint, source: Checkpoint) -> CheckResult:
     problems += [f"config.json {k}: {out[k]!r}, not in the source's config" for k in sorted(set(out) - set(src))]
     if not src:
         problems.append(f"the source {source.root} has no usable config.json to compare with")
-    return _result("model_config", [f"{len(src)} model fields compared with the source's config.json"], problems)
+    return finding("model_config", [f"{len(src)} model fields compared with the source's config.json"], problems)
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -161,7 +161,7 @@ def check_copies(ckpt: Checkpoint, source: Checkpoint, plan: ConversionPlan) -> 
                 problems += [f"{spec.name}: kept FP8: {why}"] if why else []
             fp8 += 1
         except Exception as e:  # an unreadable tensor is its own finding; the others are still compared
-            problems.append(f"{', '.join(o.name for o in unit.outputs)}: {_crash(e)}")
+            problems.append(f"{', '.join(o.name for o in unit.outputs)}: {crash_line(e)}")
     evidence = [f"{copied} copied tensors and {fp8} kept FP8 modules (weight and scale) compared byte for byte "
                 "with the source" + (f"; {mxfp4} MXFP4 modules decoded bit-exact against it" if mxfp4 else "") + (f"; {absent} not compared: missing from the output (see tensor_set)" if absent else "")]
-    return _result("copies", evidence, problems)
+    return finding("copies", evidence, problems)

@@ -9,7 +9,7 @@ from ..checkpoint import read_config
 from ..families import table_for
 from ..rules import collapse
 from .records import read_records
-from .results import CheckResult, _result, _skip
+from .results import CheckResult, finding, not_run
 
 VLLM_PROMPT = "The capital of France is"
 
@@ -26,20 +26,20 @@ def hardware_note(w4a4: bool) -> str:
 
 def check_vllm_generate(dst: str, w4a4: bool, tp: int | None = None, max_tokens: int = 8) -> CheckResult:
     if not torch.cuda.is_available():
-        return _skip("vllm_generate", "no GPU: vLLM generation not run", required=False)
+        return not_run("vllm_generate", "no GPU: vLLM generation not run", required=False)
     try:
         import vllm
     except ImportError:
-        return _skip("vllm_generate", "vllm is not importable here", required=False)
+        return not_run("vllm_generate", "vllm is not importable here", required=False)
     tp = tp or torch.cuda.device_count()
     evidence = [f"vllm {vllm.__version__}, tensor parallel {tp}; {hardware_note(w4a4)}"]
     try:
         llm = vllm.LLM(model=dst, tensor_parallel_size=tp, max_model_len=2048, enforce_eager=True)
         out = llm.generate([VLLM_PROMPT], vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens))[0].outputs[0]
     except Exception as e:  # any load or run failure is the finding
-        return _result("vllm_generate", evidence, [f"vLLM failed: {type(e).__name__}: {str(e).splitlines()[:3]}"])
+        return finding("vllm_generate", evidence, [f"vLLM failed: {type(e).__name__}: {str(e).splitlines()[:3]}"])
     evidence.append(f"prompt {VLLM_PROMPT!r} -> {out.text!r} (token ids {list(out.token_ids)})")
-    return _result("vllm_generate", evidence, [] if out.token_ids else ["vLLM generated no token"])
+    return finding("vllm_generate", evidence, [] if out.token_ids else ["vLLM generated no token"])
 
 
 def planned_actions(dst: str) -> dict[str, str] | None:
@@ -55,17 +55,17 @@ def check_vllm_dry_load(dst: str) -> CheckResult:
     try:
         from ..vllm_check import run_vllm_dry_load
     except ImportError as e:
-        return _skip("vllm_dry_load", f"nvfp4kit.vllm_check not available ({e})", required=False)
+        return not_run("vllm_dry_load", f"nvfp4kit.vllm_check not available ({e})", required=False)
     r = run_vllm_dry_load(dst, planned=planned_actions(dst))
     if r.skipped:
-        return _skip("vllm_dry_load", r.reason, required=False)
+        return not_run("vllm_dry_load", r.reason, required=False)
     evidence = [f"vllm {r.vllm_version}: {len(r.schemes)} modules' schemes as vLLM picked them:"]
     by_scheme: dict[str, set[str]] = {}
     table = table_for(read_config(dst)[0])
     for module, scheme in r.schemes.items():
         by_scheme.setdefault(scheme, set()).add(collapse(module, table))
     evidence += [f"  {scheme}: {', '.join(sorted(patterns))}" for scheme, patterns in sorted(by_scheme.items())]
-    return _result("vllm_dry_load", evidence, r.problems)
+    return finding("vllm_dry_load", evidence, r.problems)
 
 
 def check_sglang_dry_load(dst: str) -> CheckResult:
@@ -74,9 +74,9 @@ def check_sglang_dry_load(dst: str) -> CheckResult:
 
     r = run_sglang_dry_load(dst)
     if r.skipped:
-        return _skip("sglang_dry_load", r.reason, required=False)
+        return not_run("sglang_dry_load", r.reason, required=False)
     evidence = [f"sglang {r.sglang_version}: {m['model']} {m['model_class'] or '(not built)'}, "
                 f"{m['tensors_loaded']} tensors reached a parameter, routed experts "
                 f"{', '.join(sorted(set(m['expert_methods'].values()))) or '-'}" for m in r.report.get("models", [])]
     evidence += [f"  SGLang warned: {w}" for m in r.report.get("models", []) for w in m["sglang_warnings"]]
-    return _result("sglang_dry_load", evidence, r.problems)
+    return finding("sglang_dry_load", evidence, r.problems)

@@ -11,8 +11,8 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..safetensors_io import DTYPES, TensorInfo
-from .inventory import Inventory, _specs
-from .results import CheckResult, _crash, _result
+from .inventory import Inventory, layout_specs
+from .results import CheckResult, crash_line, finding
 
 E4M3_NAN_BITS = 0x7F  # x1111111: E4M3FN's only NaN pattern (it has no Inf)
 E5M2_INF_BITS = 0x7C  # x1111100: Inf; x11111mm with mm != 0 is NaN
@@ -58,7 +58,7 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0")
 # ---------------------------------------------------------------------------------------------------------------
 def check_finite(ckpt: Checkpoint, inv: Inventory) -> CheckResult:
     """No NaN/Inf in any floating-point tensor; NVFP4 block scales are left to ``static``, which scans them."""
-    block_scales = {_specs(inv, m, shape, False)[1].name for m, shape in inv.nvfp4.items()}
+    block_scales = {layout_specs(inv, m, shape, False)[1].name for m, shape in inv.nvfp4.items()}
     problems, scanned, count = [], 0, 0
     for name, info in sorted(ckpt.tensors.items()):
         if info.dtype not in FLOAT_DTYPES or name in block_scales:
@@ -67,10 +67,10 @@ def check_finite(ckpt: Checkpoint, inv: Inventory) -> CheckResult:
             bad = sum(nonfinite_count(torch.frombuffer(bytearray(data), dtype=torch.uint8), info.dtype)
                       for data in tensor_chunks(info))
         except Exception as e:  # an unreadable tensor is this tensor's finding
-            problems.append(f"{name}: cannot be read: {_crash(e)}")
+            problems.append(f"{name}: cannot be read: {crash_line(e)}")
             continue
         scanned += info.nbytes
         count += 1
         if bad:
             problems.append(f"{name}: {bad} NaN/Inf of {math.prod(info.shape)} values ({info.dtype})")
-    return _result("finite", [f"{count} floating-point tensors ({scanned} bytes) scanned for NaN/Inf"], problems)
+    return finding("finite", [f"{count} floating-point tensors ({scanned} bytes) scanned for NaN/Inf"], problems)

@@ -9,7 +9,7 @@ from ..checkpoint import Checkpoint
 from ..hf_model import is_v3 as hf_model_is_v3
 from ..nvfp4 import reconstruction_error
 from .inventory import Inventory, decoded_source
-from .results import CheckResult, _result
+from .results import CheckResult, finding
 
 # The block's own contribution (output minus its input streams) may differ by at most this relative L2 error. A
 # weight at the 15 dB floor has a relative error of 0.18; reference NVFP4 weights (~0.09) gave 0.084 on the tiny
@@ -69,4 +69,4 @@ def check_block_forward(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, la
     if not problems and not delta_rel <= MAX_BLOCK_REL_ERROR:
         problems.append(f"layer {layer}: block contribution differs by {delta_rel:.3f} (relative) from the FP8 "
                         f"block, above {MAX_BLOCK_REL_ERROR}")
-    return _result("block_forward", evidence, problems)
+    return finding("block_forward", evidence, problems)

@@ -30,10 +30,10 @@ class Inventory:
 
     def is_w4a4(self, tensors: dict[str, TensorInfo]) -> bool:
         """Whether any NVFP4 module carries an activation scale (used when the config cannot say)."""
-        return any(s.name in tensors for m, shape in self.nvfp4.items() for s in _specs(self, m, shape, True)[3:])
+        return any(s.name in tensors for m, shape in self.nvfp4.items() for s in layout_specs(self, m, shape, True)[3:])
 
 
-def _specs(inv: Inventory, module: str, shape: tuple[int, int], w4a4: bool) -> list[TensorSpec]:
+def layout_specs(inv: Inventory, module: str, shape: tuple[int, int], w4a4: bool) -> list[TensorSpec]:
     """Packed weight, block scale, global scale[, activation scale], as the layout names them.
 
     Layout N refuses w4a4=False (it is always W4A4); its NVFP4 names are ModelOpt's, so those stand in."""
@@ -95,7 +95,7 @@ def config_w4a4(qcfg: dict) -> bool | None:
     fmt = config_format(qcfg)
     if fmt == "compressed-tensors":
         groups = (qcfg.get("config_groups") or {}).values()
-        return any(_is_nvfp4_group(g) and g.get("input_activations") for g in groups)
+        return any(is_nvfp4_group(g) and g.get("input_activations") for g in groups)
     if fmt == "modelopt":
         algos = [v.get("quant_algo") for v in (qcfg.get("quantized_layers") or {}).values()] + [qcfg.get("quant_algo")]
         return "NVFP4" in algos
@@ -104,12 +104,12 @@ def config_w4a4(qcfg: dict) -> bool | None:
     return None
 
 
-def _is_nvfp4_group(group: dict) -> bool:
+def is_nvfp4_group(group: dict) -> bool:
     w = group.get("weights") or {}
     return all(w.get(k) == NVFP4_WEIGHTS[k] for k in ("num_bits", "type", "strategy", "group_size"))
 
 
-def _is_fp8_block_group(group: dict) -> bool:
+def is_fp8_block_group(group: dict) -> bool:
     w = group.get("weights") or {}
     return all(w.get(k) == FP8_BLOCK_WEIGHTS[k] for k in ("num_bits", "type", "strategy"))
 
@@ -124,7 +124,7 @@ def global_scale_multiplier(inv: Inventory, value: torch.Tensor) -> torch.Tensor
 
 
 def read_nvfp4(ckpt: Checkpoint, inv: Inventory, module: str) -> NVFP4Tensor:
-    packed, block, gs = (s.name for s in _specs(inv, module, inv.nvfp4[module], False)[:3])
+    packed, block, gs = (s.name for s in layout_specs(inv, module, inv.nvfp4[module], False)[:3])
     t = ckpt.tensors
     return NVFP4Tensor(read_tensor(t[packed]), read_tensor(t[block]), global_scale_multiplier(inv, read_tensor(t[gs])))
 

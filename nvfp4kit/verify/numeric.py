@@ -11,7 +11,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..nvfp4 import ScaleRule, dequantize_nvfp4, reconstruction_error
 from .inventory import Inventory, read_nvfp4
-from .results import CheckResult, _crash, _result
+from .results import CheckResult, crash_line, finding
 
 # Reference NVFP4 (amax/2688, E4M3 block scales) gives 20.4 dB on Gaussian weights, 21.8 dB on Student-t(3) ones and
 # 24.0-25.0 dB on the tiny synthetic checkpoint (--scale-policy reference). Decoding bugs land far below: swapped
@@ -58,7 +58,7 @@ def check_numeric(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, rules: d
                 continue
             err = reconstruction_error(ref, got)
         except Exception as e:  # a missing companion, a truncated tensor: this module's finding
-            problems.append(f"{module}: cannot be decoded and compared: {_crash(e)}")
+            problems.append(f"{module}: cannot be decoded and compared: {crash_line(e)}")
             continue
         metrics[module] = {"rule": rules.get(module), **err}
         if rules.get(module) == ScaleRule.EXACT:
@@ -84,6 +84,6 @@ def check_numeric(ckpt: Checkpoint, inv: Inventory, source: Checkpoint, rules: d
     ranked = sorted(metrics.items(), key=lambda kv: kv[1]["sqnr_db"])[:worst]
     evidence += [f"  worst: {m}: SQNR {v['sqnr_db']:.2f} dB, rel. error {v['rel_error']:.4f}"
                  for m, v in ranked if math.isfinite(v["sqnr_db"])]
-    result = _result("numeric", evidence, problems)
+    result = finding("numeric", evidence, problems)
     result.details = metrics
     return result

@@ -1,5 +1,5 @@
 """What every check returns (:class:`CheckResult`) and the helpers that make one: a check that could not run
-(``_skip``), one that ran (``_result``), and one that crashed (``guarded``: the exception is that check's FAIL)."""
+(``not_run``), one that ran (``finding``), and one that crashed (``guarded``: the exception is that check's FAIL)."""
 
 from __future__ import annotations
 
@@ -24,16 +24,18 @@ class CheckResult:
         return "PASS" if self.passed else "FAIL"
 
 
-def _skip(name: str, why: str, required: bool = True) -> CheckResult:
+def not_run(name: str, why: str, required: bool = True) -> CheckResult:
     """A check that could not run, with the reason; ``passed`` is False when it was required."""
     return CheckResult(name, not required, [why], [], skipped=True, required=required)
 
 
-def _result(name: str, evidence: list[str], problems: list[str]) -> CheckResult:
+def finding(name: str, evidence: list[str], problems: list[str]) -> CheckResult:
+    """A check that ran: it passed if it found no problem."""
     return CheckResult(name, not problems, evidence, problems)
 
 
-def _crash(e: Exception) -> str:
+def crash_line(e: Exception) -> str:
+    """An exception as one problem line: its type and the first line of its message."""
     return f"check stopped by {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
@@ -42,4 +44,4 @@ def guarded(name: str, check: Callable[..., CheckResult], *args, **kwargs) -> Ch
     try:
         return check(*args, **kwargs)
     except Exception as e:  # any input the check did not foresee: a finding, not a crash of the whole run
-        return _result(name, [], [_crash(e)])
+        return finding(name, [], [crash_line(e)])

@@ -70,7 +70,7 @@ from .finite import check_finite
 from .forward import check_block_forward
 from .numeric import check_numeric
 from .records import Records, open_source, read_records
-from .results import CheckResult, _crash, _result, _skip, guarded
+from .results import CheckResult, crash_line, finding, not_run, guarded
 from .static import check_static, config_file_problem, output_w4a4
 
 PASS, FAIL, INCOMPLETE = "PASS", "FAIL", "INCOMPLETE"
@@ -88,8 +88,8 @@ def verify(dst: str, src: str | None = None, sample: int | None = None, layer: i
     except CheckpointError:
         raise
     except (OSError, ValueError) as e:  # open_checkpoint parses config.json and raises on malformed JSON
-        why = config_file_problem(dst) or f"cannot be opened: {_crash(e)}"
-        return [_result("static", [], [f"{why}; no other check can run without it"])]
+        why = config_file_problem(dst) or f"cannot be opened: {crash_line(e)}"
+        return [finding("static", [], [f"{why}; no other check can run without it"])]
     if not isinstance(ckpt.config, dict):  # config_file_problem reports it
         ckpt = dataclasses.replace(ckpt, config={})
     static, inv = check_static(ckpt)
@@ -107,18 +107,18 @@ def verify(dst: str, src: str | None = None, sample: int | None = None, layer: i
             plan_note = f"the source's plan cannot be rebuilt: {'; '.join(getattr(e, 'problems', [str(e)])[:5])}"
     results.append(_tensor_set(ckpt, records, source, plan, source_note if source is None else plan_note))
     if source is None:
-        results += [_skip(name, source_note) for name in ("model_config", "copies", "numeric")]
+        results += [not_run(name, source_note) for name in ("model_config", "copies", "numeric")]
         if forward:
-            results.append(_skip("block_forward", source_note))
+            results.append(not_run("block_forward", source_note))
     else:
         results.append(guarded("model_config", check_model_config, ckpt, source))
         results.append(guarded("copies", check_copies, ckpt, source, plan) if plan is not None
-                       else _result("copies", [], [f"nothing to compare against: {plan_note}"]))
+                       else finding("copies", [], [f"nothing to compare against: {plan_note}"]))
         results.append(guarded("numeric", check_numeric, ckpt, inv, source, records.tensor_rules, sample))
         if forward:
             results.append(guarded("block_forward", check_block_forward, ckpt, inv, source, layer))
     if fidelity:  # check 11, on request: the whole model on text (nvfp4kit.fidelity), and the card's figures
-        results.append(_skip("fidelity", source_note) if source is None else
+        results.append(not_run("fidelity", source_note) if source is None else
                        guarded("fidelity", check_fidelity, dst, source.root, fidelity_data, fidelity_tokens, device))
     if vllm_generate:
         results.append(guarded("vllm_generate", check_vllm_generate, dst, w4a4, tp))
@@ -140,9 +140,9 @@ def check_fidelity(dst: str, src: str, data: str | None, tokens: int | None, dev
 
     why = unmeasurable(read_config(src)[0])
     if why:  # requested but not measurable: NOT RUN (the result is INCOMPLETE), never a PASS
-        return _skip("fidelity", why)
+        return not_run("fidelity", why)
     measured = measure_fidelity(dst, src, data, tokens or DEFAULT_TOKENS, device)
-    result = _result("fidelity", measured["evidence"], measured["problems"])
+    result = finding("fidelity", measured["evidence"], measured["problems"])
     result.details = measured["figures"]
     if measured["figures"]:
         update_card_fidelity(dst, measured["figures"], result.status, src)
@@ -154,7 +154,7 @@ def _tensor_set(ckpt: Checkpoint, records: Records, source: Checkpoint | None, p
     """check_tensor_set where there is a reference: NOT RUN without plan.json and source, FAIL when the source
     is there but its plan cannot be rebuilt."""
     if source is None and records.plan is None:
-        return _skip("tensor_set", note)
+        return not_run("tensor_set", note)
     result = guarded("tensor_set", check_tensor_set, ckpt, records, plan, note)
     if source is not None and plan is None:
         result.problems.append(note)

@@ -18,9 +18,9 @@ from ..layouts import Layout, modelopt_key, mxfp4_specs, runtime_module
 from ..rules import fused_group, module_name, rule_for
 from ..safetensors_io import TensorInfo, TensorSpec, read_tensor
 from .finite import E4M3_NAN_BITS
-from .inventory import (Inventory, _is_fp8_block_group, _is_nvfp4_group, _specs, config_format, config_w4a4,
+from .inventory import (Inventory, is_fp8_block_group, is_nvfp4_group, layout_specs, config_format, config_w4a4,
                         quant_config, take_inventory)
-from .results import CheckResult, _crash, _result
+from .results import CheckResult, crash_line, finding
 
 # Keys of the source FP8 config (DeepSeek's quant_method fp8); only layout N keeps them, next to moe_quant_algo.
 FP8_SOURCE_KEYS = ("fmt", "scale_fmt", "weight_block_size", "activation_scheme")
@@ -55,7 +55,7 @@ def check_companions(ckpt: Checkpoint, inv: Inventory, w4a4: bool) -> tuple[list
             problems.append(f"{spec.name}: {info.dtype} {list(info.shape)}, expected {spec.dtype} {list(spec.shape)}")
 
     for module, shape in inv.nvfp4.items():
-        for k, spec in enumerate(_specs(inv, module, shape, w4a4)):
+        for k, spec in enumerate(layout_specs(inv, module, shape, w4a4)):
             expect(spec, "the config says W4A4" if k == 3 else "NVFP4 companion")  # [3]: the activation scale
     for module, shape in mxfp4_modules(t).items():  # --engine sglang's MTP experts (layouts.writes_mxfp4)
         for spec in mxfp4_specs(module, *shape):
@@ -93,9 +93,9 @@ def check_scale_values(ckpt: Checkpoint, inv: Inventory, w4a4: bool) -> tuple[li
     globals_by_group: dict[str, dict[str, float]] = {}
     scanned = 0
     for module, shape in inv.nvfp4.items():
-        specs = [s for s in _specs(inv, module, shape, w4a4) if s.name in t]
+        specs = [s for s in layout_specs(inv, module, shape, w4a4) if s.name in t]
         names = {s.name for s in specs}
-        block_name, gs_name = (s.name for s in _specs(inv, module, shape, False)[1:3])
+        block_name, gs_name = (s.name for s in layout_specs(inv, module, shape, False)[1:3])
         if block_name in names:
             raw = read_tensor(t[block_name]).view(torch.uint8)
             scanned += raw.numel()
@@ -176,7 +176,7 @@ def _ct_describes(ckpt: Checkpoint, inv: Inventory, qcfg: dict) -> tuple[list[st
 
     for module in inv.nvfp4:
         where, group = scheme_of(module)
-        if group is None or not _is_nvfp4_group(group):
+        if group is None or not is_nvfp4_group(group):
             given = where if group is None else f"{where} (not NVFP4)"
             problems.append(f"{module}: NVFP4 tensors but the config gives it {given}"
                             f" (runtime name {runtime_module(module, L)})")
@@ -184,7 +184,7 @@ def _ct_describes(ckpt: Checkpoint, inv: Inventory, qcfg: dict) -> tuple[list[st
             problems.append(f"{module}: its group {where} has format {group.get('format')!r}, not nvfp4-pack-quantized")
     for module in inv.fp8:
         where, group = scheme_of(module)
-        if where != "ignored" and (group is None or not _is_fp8_block_group(group)):
+        if where != "ignored" and (group is None or not is_fp8_block_group(group)):
             problems.append(f"{module}: kept FP8 but the config gives it {where} "
                             f"(runtime name {runtime_module(module, L)})")
     evidence.append(f"{len(inv.nvfp4)} NVFP4 modules targeted by an NVFP4 group, {len(inv.fp8)} FP8 modules by an "
@@ -275,7 +275,7 @@ def check_static(ckpt: Checkpoint) -> tuple[CheckResult, Inventory]:
         try:
             found = part(*args)
         except Exception as e:  # one part's crash is its finding; the other parts still report
-            found = ([], [f"{part.__name__}: {_crash(e)}"])
+            found = ([], [f"{part.__name__}: {crash_line(e)}"])
         evidence += found[0]
         problems += found[1]
-    return _result("static", evidence, problems), inv
+    return finding("static", evidence, problems), inv
