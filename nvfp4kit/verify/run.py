@@ -2,8 +2,8 @@
 
 Result (``verify_nvfp4.py`` prints it last and exits with its code):
 
-- ``PASS`` (exit 0): every required check ran and found nothing. Only the optional checks (4 and 5: they need a
-  GPU or a vLLM environment, not the checkpoint) may be skipped; the result line names those that were.
+- ``PASS`` (exit 0): every required check ran and found nothing. Only the optional checks (8-10: they need a
+  GPU or an engine's environment, not the checkpoint) may be skipped; the result line names those that were.
 - ``FAIL`` (exit 1): a check found a problem; each problem line names the tensor, shard or config key at fault. A
   check that crashes on an input nobody foresaw is that check's FAIL with the exception's text; the others still run.
 - ``INCOMPLETE`` (exit 1): nothing failed, but a required check could not run (``NOT RUN``, with the reason): most
@@ -44,7 +44,8 @@ Optional checks (SKIP with the reason where they cannot run; they do not make th
 10. ``sglang_dry_load`` (``sglang_dry_load=True``): :func:`nvfp4kit.sglang_check.run_sglang_dry_load`, SGLang's
     own loader over trunk and MTP draft in SGLang's environment, skipped where there is none.
 
-On request (``fidelity=True``, ``--fidelity``; needs the source, NOT RUN without it):
+On request (``fidelity=True``, ``--fidelity``; needs the source, NOT RUN without it; it runs after check 7, so the
+printed report, which numbers checks as they ran, shows it before the optional ones):
 
 11. ``fidelity``: :func:`nvfp4kit.fidelity.measure_fidelity`, the whole model teacher-forced on text with the
     source's and the output's weights, one decoder block at a time (W4A4 outputs with activations quantized as vLLM
