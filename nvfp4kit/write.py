@@ -48,8 +48,9 @@ class ShardFile:
 
     ``pwrite``, not a memory map: ``pwrite`` takes the file's inode lock, so threads' writes into one file partly
     serialise, yet a mapped file written by numpy outside the interpreter lock, faster on its own at 4-8 threads,
-    made the whole worker no faster (2.65-2.70 vs 2.95 GB/s of source, bench/RESULTS.md): the writes are not what
-    limits a worker."""
+    made the whole worker no faster (2.65-2.70 vs 2.95 GB/s of source) while ``.cpu()`` held the compute stage.
+    Since the outputs come back into pinned memory, these writers are a worker's busiest stage: the mapped file is
+    to be measured again (bench/RESULTS.md)."""
 
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
