@@ -19,6 +19,8 @@ import torch
 
 from .errors import KitError
 
+E4M3_NAN_BITS = 0x7F  # x1111111 (sign aside): E4M3FN's only NaN pattern; it has no Inf
+
 SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float32)
 FP8_E4M3_MAX = 448.0
 
@@ -88,11 +90,11 @@ def check_fp8_block(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int,
     # One host sync for both tests (this runs once per tensor on a GPU). NaN makes the smallest scale NaN, which
     # fails "> 0". E4M3FN has no Inf; its NaN is the byte pattern x1111111 (0x7F / 0xFF), found with a max.
     smallest, largest, top_byte = torch.stack(
-        [*torch.aminmax(s), (weight.view(torch.uint8) & 0x7F).max().to(torch.float32)]
+        [*torch.aminmax(s), (weight.view(torch.uint8) & E4M3_NAN_BITS).max().to(torch.float32)]
     ).tolist()
     if not (smallest > 0 and largest < math.inf):
         raise FP8FormatError(f"{name}: scale holds NaN, Inf, zero or negative values")
-    if top_byte == 0x7F:
+    if top_byte == E4M3_NAN_BITS:
         raise FP8FormatError(f"{name}: weight holds FP8 NaN bytes")
 
 

@@ -10,13 +10,13 @@ from collections.abc import Iterator
 import torch
 
 from ..checkpoint import Checkpoint
+from ..fp8 import E4M3_NAN_BITS
+from ..mxfp4 import E8M0_NAN
 from ..safetensors_io import DTYPES, TensorInfo
 from .inventory import Inventory, layout_specs
 from .results import CheckResult, crash_line, finding
 
-E4M3_NAN_BITS = 0x7F  # x1111111: E4M3FN's only NaN pattern (it has no Inf)
 E5M2_INF_BITS = 0x7C  # x1111100: Inf; x11111mm with mm != 0 is NaN
-E8M0_NAN_BYTE = 0xFF  # UE8M0's only NaN
 READ_CHUNK = 64 * 2**20  # bytes per read when scanning or comparing whole tensors (the embedding is 1.85 GB)
 
 
@@ -46,7 +46,7 @@ def nonfinite_count(raw: torch.Tensor, dtype: str) -> int:
     if dtype == "F8_E5M2":
         return int(((raw & 0x7F) >= E5M2_INF_BITS).sum())
     if dtype == "F8_E8M0":
-        return int((raw == E8M0_NAN_BYTE).sum())
+        return int((raw == E8M0_NAN).sum())
     return int((~torch.isfinite(raw.view(DTYPES[dtype]))).sum())
 
 

@@ -14,11 +14,11 @@ import torch
 from ..checkpoint import Checkpoint, configured_block_size
 from ..errors import few
 from ..families import family_problems, table_for
+from ..fp8 import E4M3_NAN_BITS
 from ..layouts import Layout, modelopt_key, mxfp4_specs, runtime_module
 from ..rules import fused_group, module_name, rule_for
 from ..safetensors_io import TensorInfo, TensorSpec, read_tensor
-from .finite import E4M3_NAN_BITS
-from .inventory import (Inventory, is_fp8_block_group, is_nvfp4_group, layout_specs, config_format, config_w4a4,
+from .inventory import (Inventory, config_format, config_w4a4, is_fp8_block_group, is_nvfp4_group, layout_specs,
                         quant_config, take_inventory)
 from .results import CheckResult, crash_line, finding
 
