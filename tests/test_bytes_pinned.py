@@ -129,12 +129,30 @@ def digests(folder: str) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("layout, policy", [(layout, policy) for layout in ("compressed-tensors", "modelopt", "nvidia")
-                                            for policy in ("auto", "reference")])
-def test_output_bytes_are_pinned(tiny_src, tmp_path, layout, policy):
+@pytest.mark.parametrize("layout, policy, writes", [
+    *((layout, policy, "mapped") for layout in ("compressed-tensors", "modelopt", "nvidia") for policy in ("auto", "reference")),
+    ("compressed-tensors", "auto", "pwrite")])
+def test_output_bytes_are_pinned(tiny_src, tmp_path, monkeypatch, layout, policy, writes):
+    """Both ways the shard writer writes (write.ShardFile: a mapped file, or pwrite) give the pinned bytes (the
+    writer does not depend on the layout: one layout is enough for pwrite)."""
+    monkeypatch.setenv("NVFP4KIT_PWRITE", "1" if writes == "pwrite" else "0")
     scales = activation_scales(tiny_src, str(tmp_path / "act.json")) if layout == "nvidia" else None
     dst = str(tmp_path / "out")
     convert(tiny_src, dst, Options(format=layout, scale_policy=policy, max_shard_size=SHARD_SIZE), Settings(),
             activation_scales=scales)
     assert digests(dst) == PINNED[(layout, policy)]
 
+
+def test_the_shard_writer_maps_its_file_where_the_filesystem_reserves_space(tmp_path, monkeypatch):
+    """The "mapped" cases above test the mapped writer only if it maps here; and the switch turns it off."""
+    from nvfp4kit.write import ShardFile
+
+    monkeypatch.delenv("NVFP4KIT_PWRITE", raising=False)
+    for env, mapped in ((None, True), ("1", False)):
+        if env:
+            monkeypatch.setenv("NVFP4KIT_PWRITE", env)
+        f = ShardFile(str(tmp_path / "x"), 1 << 20)
+        try:
+            assert (f._map is not None) == mapped and os.path.getsize(tmp_path / "x") == (1 << 20 if mapped else 0)
+        finally:
+            f.close()
