@@ -37,10 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import KitError
+from .stop_signals import STOP_SIGNALS, interrupt
 
 JOB_FILE = "job.pickle"  # in the state folder: what every worker needs, written once per run
-STOP_GRACE_SECONDS = 60
-INTERRUPTED_EXIT = 130  # a worker's exit code after a signal it caught  # a stopped worker's time to remove its partial file before SIGKILL
+STOP_GRACE_SECONDS = 60  # a stopped worker's time to remove its partial file before SIGKILL
+INTERRUPTED_EXIT = 130  # a worker's exit code after a signal it caught
 _PR_SET_PDEATHSIG = 1
 
 
@@ -189,12 +190,11 @@ def _worker_main(job_path: str, k: int, parent: int) -> int:
     def parent_alive() -> bool:
         return os.getppid() == parent
 
-    from .convert.job import interrupt  # noqa: PLC0415 (seconds: torch)
     from .convert.shard import install_worker  # noqa: PLC0415
 
     reason = "interrupted"
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, interrupt)
         _die_with_parent()
         if not parent_alive():
@@ -215,7 +215,7 @@ def _worker_main(job_path: str, k: int, parent: int) -> int:
         reason = "error"
         _send_quietly(send, "error", message=f"worker {k} failed:\n{traceback.format_exc()}")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # cleanup is done; the last event must not be cut short
         _send_quietly(send, "exit", reason=reason)
     return 0 if reason == "done" else INTERRUPTED_EXIT if reason == "interrupted" else 1

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import stop_signals
 from .errors import KitError
 from .faults import fault_point
 from .manifest import HASH, new_hasher
@@ -227,42 +228,45 @@ def _write_pieces(file: ShardFile, header: bytes, pieces: Iterable[Piece]) -> tu
 
     writers = [threading.Thread(target=writer, daemon=True) for _ in range(WRITERS)]
     others = [threading.Thread(target=hasher, daemon=True), threading.Thread(target=flusher, daemon=True)]
-    for t in writers + others:
-        t.start()
     offset = len(header)
     items = iter(pieces)
-    try:
-        for piece in items:
-            if failure:
-                break
-            views = []
-            for t in piece.tensors:
-                fault_point("tensor_written")
-                views.append(tensor_bytes(t))
-            release = _Release(piece.done, failure)
-            writes.put((views, offset, release))
-            hashes.put((views, release))  # in file order, as the hash needs them
-            offset += sum(len(v) for v in views)
-    finally:
-        # Every thread is joined, also after an error or Ctrl-C: a thread still inside torch when the interpreter
-        # exits can abort the process ("terminate called without an active exception"). No step waits on a
-        # sentinel alone: a signal landing inside a queue operation of this thread can lose an item or a wake-up,
-        # so consumers also stop on ``closing`` once their queue is empty.
+    # A stop signal is raised here between two pieces, never inside a queue operation (nvfp4kit.stop_signals).
+    with stop_signals.deferred() as stop_requested:
+        for t in writers + others:
+            t.start()
         try:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # a generator stopped early cleans up now (Path A's readers), not when collected
+            for piece in items:
+                if failure:
+                    break
+                if stop_requested():
+                    raise KeyboardInterrupt
+                views = []
+                for t in piece.tensors:
+                    fault_point("tensor_written")
+                    views.append(tensor_bytes(t))
+                release = _Release(piece.done, failure)
+                writes.put((views, offset, release))
+                hashes.put((views, release))  # in file order, as the hash needs them
+                offset += sum(len(v) for v in views)
         finally:
-            for _ in writers:
-                writes.put(_DONE)
-            hashes.put(_DONE)
-            closing.set()
-            for t in writers + others[:1]:
-                t.join()
-            while others[1].is_alive():  # it may have ended already (closing), a write-back request still queued
-                with suppress(queue.Full):
-                    flushes.put(_DONE, timeout=0.1)
-            others[1].join()
+            # Every thread is joined, also after an error or Ctrl-C: a thread still inside torch when the
+            # interpreter exits can abort the process ("terminate called without an active exception"). Consumers
+            # also stop on ``closing`` once their queue is empty, so that no step waits on a sentinel alone.
+            try:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()  # a generator stopped early cleans up now (Path A's readers), not when collected
+            finally:
+                for _ in writers:
+                    writes.put(_DONE)
+                hashes.put(_DONE)
+                closing.set()
+                for t in writers + others[:1]:
+                    t.join()
+                while others[1].is_alive():  # it may have ended already (closing), a write-back request queued
+                    with suppress(queue.Full):
+                        flushes.put(_DONE, timeout=0.1)
+                others[1].join()
     if failure:
         raise failure[0]
     return h.hexdigest(), offset, busy

@@ -324,6 +324,51 @@ def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, act
     resume_and_compare(mini_src, dst, reference)
 
 
+# The signal lands at the worst bytecode: just after the main thread took a queue's lock inside Queue.put
+# (Condition.__enter__ is Python code), as a SIGTERM from a dying parent once did. Run in a child: a hang is the failure.
+_SIGNAL_INSIDE_A_QUEUE_LOCK = """
+import os, signal, sys, threading
+import torch
+from nvfp4kit import write
+from nvfp4kit.safetensors_io import TensorSpec
+from nvfp4kit.stop_signals import interrupt
+
+signal.signal(signal.SIGTERM, interrupt)  # as in a worker
+armed = []
+enter = threading.Condition.__enter__
+
+def enter_then_signal(self):
+    taken = enter(self)
+    if armed and threading.current_thread() is threading.main_thread():
+        armed.clear()
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs at the next bytecode: with the lock held
+    return taken
+
+threading.Condition.__enter__ = enter_then_signal
+specs = [TensorSpec(f"t{k}", "U8", (1 << 16,)) for k in range(8)]
+
+def pieces():
+    for k in range(8):
+        if k == 3:
+            armed.append(1)  # the next lock the main thread takes is the writers' queue's, in put()
+        yield write.Piece([torch.full((1 << 16,), k, dtype=torch.uint8)])
+
+try:
+    write.write_shard(sys.argv[1], "s.safetensors", specs, pieces())
+except KeyboardInterrupt:
+    print("stopped", sorted(os.listdir(sys.argv[1])), threading.active_count())
+"""
+
+
+def test_a_stop_signal_inside_a_queue_lock_stops_the_writer_cleanly(tmp_path):
+    """A stop signal never raises inside the shard pipeline's queue operations (nvfp4kit.stop_signals.deferred):
+    raised there, it left the writers' queue lock taken and the cleanup waited on it forever."""
+    run = subprocess.run([sys.executable, "-c", _SIGNAL_INSIDE_A_QUEUE_LOCK, str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["stopped", "[]", "1"]  # no partial file, every pipeline thread joined
+
+
 def worker_pids(stderr: str) -> list[int]:
     """The worker processes a run started (each in a process group of its own), from its log."""
     return [int(m) for m in re.findall(r"worker \d+ started \(pid (\d+)\)", stderr)]

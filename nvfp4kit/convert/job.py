@@ -1,7 +1,7 @@
 """Path A's job, top to bottom: refusals, plan, state, side files, the shards (here or in a pool of workers), finish.
 
-SIGTERM ends the job like Ctrl-C (:func:`interrupt`): workers stop, no partial file stays, and the run exits as
-interrupted and resumable.
+SIGTERM ends the job like Ctrl-C (:mod:`nvfp4kit.stop_signals`): workers stop, no partial file stays, and the run
+exits as interrupted and resumable.
 """
 
 from __future__ import annotations
@@ -9,11 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint, open_checkpoint
@@ -24,6 +21,7 @@ from ..plan import ConversionPlan, Options, ShardPlan, build_plan, load_activati
 from ..progress import DEFAULT_EVERY_SECONDS, Progress
 from ..ranks import Share
 from ..readahead import Range, SourceReadAhead
+from ..stop_signals import sigterm_as_interrupt
 from .finish import copy_side_files, finish
 from .resume import STATE_DIR, exclusive_lock, fingerprint, prepare_state, setup_lock
 from .shard import WorkerJob, install_worker
@@ -94,7 +92,7 @@ def _convert(src: str, dst: str, options: Options, settings: Settings, activatio
     if not share.alone:
         log.info("%s (%d of %d shards)", share.describe(), len(mine), len(plan.shards))
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             os.makedirs(dst, exist_ok=True)
             with exclusive_lock(dst, share):
                 state = os.path.join(dst, STATE_DIR)
@@ -147,39 +145,6 @@ def _finish_if_complete(ckpt: Checkpoint, plan: ConversionPlan, dst: str, share:
         return {"complete": False, "waiting_for": waiting}
     log.info("rank %d is the last to finish: writing config, card, report and index", share.rank)
     return finish(ckpt, plan, dst, done, seconds)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Signals
-# ---------------------------------------------------------------------------------------------------------------
-def interrupt(signum: int, frame: object) -> None:
-    """A stop signal as KeyboardInterrupt, once: further signals are ignored so that the cleanup runs to its end.
-
-    (Ignored by a Python handler, not SIG_IGN: a signal already pending would otherwise raise "Signal 15 ignored
-    due to race condition" in the middle of the cleanup.)
-    """
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _ignore)
-    raise KeyboardInterrupt
-
-
-def _ignore(signum: int, frame: object) -> None:
-    pass
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill PID``, a scheduler's stop) ends the job like Ctrl-C: workers stop, no partial file stays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,9 +57,9 @@ def compute_unit(item: tuple, plan: ConversionPlan, layout: Layout, device: torc
     for module, x, q in zip(unit.modules, xs, qs):
         exact = rule is ScaleRule.EXACT
         err = {"sqnr_db": math.inf, "rel_error": 0.0} if exact else reconstruction_error(x, dequantize_nvfp4(q))
-        stats[module] = {"rule": rule, "global_scale": float(q.global_scale), **err}
-        # The global scale waits: the layout computes with it on the CPU (1/scale) before the unit's sync.
-        host = NVFP4Tensor(to_host(q.packed), to_host(q.block_scale), q.global_scale.cpu())
+        global_scale = q.global_scale.cpu()  # waited for: the layout divides by it on the CPU before the unit's sync
+        stats[module] = {"rule": rule, "global_scale": float(global_scale), **err}
+        host = NVFP4Tensor(to_host(q.packed), to_host(q.block_scale), global_scale)
         out += layout.nvfp4_tensors(host, plan.activation_amax.get(module))
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()  # every to_host copy of the unit has landed
