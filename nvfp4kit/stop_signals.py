@@ -1,12 +1,13 @@
-"""Stop signals (SIGINT, SIGTERM) as KeyboardInterrupt: everywhere once (:func:`interrupt`), and, inside the shard
-pipeline, only where the pipeline asks (:func:`deferred`).
+"""Stop signals (SIGINT, SIGTERM) as KeyboardInterrupt: anywhere, once (:func:`interrupt`); and while shards are
+written, only where the code asks (:func:`deferred`: the shard pipeline between two pieces, the loop over shards
+between two shards, the worker pool's event loop between two events).
 
-Why the pipeline defers them: Python runs a signal's handler between any two bytecodes of the main thread, so a
+Why defer them: Python runs a signal's handler between any two bytecodes of the main thread, so a
 KeyboardInterrupt can land inside ``queue.Queue.put``, after ``Condition.__enter__`` (Python code) has taken the
 queue's lock and before the ``with`` that releases it has begun. The lock then stays taken, every writer thread
 waits on it, and the cleanup that joins them waits forever: a worker stopped by SIGTERM hung this way, its parent
-already gone. Inside :func:`deferred` a signal is only noted; the pipeline raises KeyboardInterrupt itself between
-two pieces, and its cleanup runs with every lock free.
+already gone. Inside :func:`deferred` a signal is only noted; the code raises KeyboardInterrupt itself where no
+lock is held, and its cleanup runs with every lock free.
 """
 
 from __future__ import annotations
@@ -50,29 +51,41 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+class _Noted:
+    """The handler inside :func:`deferred`: notes a signal. (A list, not an Event: a handler must take no lock that
+    its own thread may hold.)"""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+
 @contextmanager
 def deferred() -> Iterator[Callable[[], bool]]:
     """Within the block, stop signals are noted, not raised: the block asks the returned ``requested()`` at safe
     points and raises KeyboardInterrupt itself. On leaving, the handlers in place before come back and the first
-    signal noted is raised again to them (KeyboardInterrupt from the usual handlers), so none is lost.
+    signal noted is raised again to them (KeyboardInterrupt from the usual handlers), so none is lost. A block
+    inside another shares its notes (the outer one raises on leaving).
 
     Off the main thread (where handlers cannot be set, and signals never land) ``requested()`` is always False.
     """
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    noted: list[int] = []  # a list, not an Event: a handler must take no lock its own thread may hold
-
-    def note(signum: int, frame: object) -> None:
-        noted.append(signum)
-
+    current = signal.getsignal(signal.SIGTERM)
+    if isinstance(current, _Noted):
+        yield lambda: bool(current.signals)
+        return
+    noted = _Noted()
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
-        signal.signal(sig, note)
+        signal.signal(sig, noted)
     try:
-        yield lambda: bool(noted)
+        yield lambda: bool(noted.signals)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if noted:
-            signal.raise_signal(noted[0])
+        if noted.signals:
+            signal.raise_signal(noted.signals[0])

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import KitError
+from . import stop_signals
 from .stop_signals import STOP_SIGNALS, interrupt
 
 JOB_FILE = "job.pickle"  # in the state folder: what every worker needs, written once per run
@@ -84,19 +85,22 @@ def run_pool(job: object, shard_names: list[str], workers: int, state_dir: str,
             log.info("worker %d started (pid %d)", k, w.proc.pid)
             _assign(w, todo)
         running = len(pool)
-        while running:
-            for key, _ in sel.select(timeout=1.0):
-                w = key.data
-                chunk = os.read(w.proc.stdout.fileno(), 1 << 16)
-                if not chunk:
-                    sel.unregister(w.proc.stdout)
-                    running -= 1
-                    _check_exit(w)
-                    continue
-                w.buffer += chunk
-                *lines, w.buffer = w.buffer.split(b"\n")
-                for line in lines:
-                    _handle(w, json.loads(line), todo, on_progress, on_shard)
+        with stop_signals.deferred() as stop_requested:  # raised here, not inside a lock of on_progress's
+            while running:
+                if stop_requested():
+                    raise KeyboardInterrupt
+                for key, _ in sel.select(timeout=0.2):
+                    w = key.data
+                    chunk = os.read(w.proc.stdout.fileno(), 1 << 16)
+                    if not chunk:
+                        sel.unregister(w.proc.stdout)
+                        running -= 1
+                        _check_exit(w)
+                        continue
+                    w.buffer += chunk
+                    *lines, w.buffer = w.buffer.split(b"\n")
+                    for line in lines:
+                        _handle(w, json.loads(line), todo, on_progress, on_shard)
         if todo:
             raise WorkerFailed(f"{len(todo)} shards were never written (every worker exited)")
     finally:

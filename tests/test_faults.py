@@ -369,6 +369,29 @@ def test_a_stop_signal_inside_a_queue_lock_stops_the_writer_cleanly(tmp_path):
     assert run.stdout.split() == ["stopped", "[]", "1"]  # no partial file, every pipeline thread joined
 
 
+def test_a_deferred_stop_signal_is_noted_inside_and_raised_on_leaving():
+    """Inside stop_signals.deferred() a signal only sets requested() (also in a nested block); on leaving, the
+    handler in place before gets it (here the workers' interrupt: KeyboardInterrupt, and later signals ignored)."""
+    from nvfp4kit import stop_signals
+
+    previous = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGTERM, stop_signals.interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            with stop_signals.deferred() as requested:
+                assert not requested()
+                with stop_signals.deferred() as inner:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.01)  # the handler has run: it only noted the signal
+                    assert inner() and requested()
+                assert requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored now: the cleanup after a stop runs to its end
+        time.sleep(0.01)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def worker_pids(stderr: str) -> list[int]:
     """The worker processes a run started (each in a process group of its own), from its log."""
     return [int(m) for m in re.findall(r"worker \d+ started \(pid (\d+)\)", stderr)]

@@ -21,6 +21,7 @@ from ..plan import ConversionPlan, Options, ShardPlan, build_plan, load_activati
 from ..progress import DEFAULT_EVERY_SECONDS, Progress
 from ..ranks import Share
 from ..readahead import Range, SourceReadAhead
+from .. import stop_signals
 from ..stop_signals import sigterm_as_interrupt
 from .finish import copy_side_files, finish
 from .resume import STATE_DIR, exclusive_lock, fingerprint, prepare_state, setup_lock
@@ -191,8 +192,11 @@ def _write_here(job: WorkerJob, todo: list[ShardPlan], progress: Callable[[int],
     """One worker: this process writes the shards itself, which saves a second ``import torch`` and a spawn
     (seconds: a large share of a small run)."""
     write = install_worker(job, 0, lambda: True)
-    for shard in todo:
-        record({**write(shard.name, progress), "worker": 0})
+    with stop_signals.deferred() as stop_requested:  # raised between shards, or by the shard pipeline
+        for shard in todo:
+            if stop_requested():
+                raise KeyboardInterrupt
+            record({**write(shard.name, progress), "worker": 0})
 
 
 def _write_in_workers(job: WorkerJob, todo: list[ShardPlan], workers: int, progress: Callable[[int], None],
