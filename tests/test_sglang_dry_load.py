@@ -16,7 +16,6 @@ import re
 
 import pytest
 import torch
-from conftest import engine_python
 from test_vllm_dry_load import activation_scales_file, copy_checkpoint, edit_tensors
 
 from nvfp4kit.convert import ConvertError, Settings, convert
@@ -27,16 +26,8 @@ from nvfp4kit.sglang_check import ENV_VAR, SGLangDryLoadResult, run_sglang_dry_l
 from nvfp4kit.fixtures.synthetic import generate
 from nvfp4kit.verify import all_passed, format_report, verify
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETUP_SCRIPT = os.path.join(REPO_ROOT, "scripts", "setup_sglang_cpu.sh")
 SGLANG_VERSION_TESTED = "0.5.23"
 HIDDEN = 512  # as the acceptance tests; the tiny preset's 448 loads too (no FP8_PB_WO width rule in SGLang)
-
-
-# ------------------------------------------------------------------------------------------------ environment
-@pytest.fixture(scope="session")
-def sglang_python() -> str:
-    return engine_python(ENV_VAR, SETUP_SCRIPT, "SGLang CPU")
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

