@@ -18,10 +18,11 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import xxhash
 
+from . import stop_signals
 from .faults import fault_point
 
 log = logging.getLogger("nvfp4kit.manifest")
@@ -95,11 +96,22 @@ def is_intact(dst: str, entry: dict, by_hash: bool) -> bool:
 
 
 def intact_entries(dst: str, entries: list[dict], by_hash: bool, threads: int = VERIFY_THREADS) -> list[bool]:
-    """:func:`is_intact` for each entry, in parallel."""
+    """:func:`is_intact` for each entry, in parallel. A stop signal ends the wait (KeyboardInterrupt, raised
+    here and not inside a future's lock: :func:`nvfp4kit.stop_signals.deferred`); shards not begun are dropped,
+    those being read are finished first."""
     if not entries:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(entries)))) as pool:
-        return list(pool.map(lambda e: is_intact(dst, e, by_hash), entries))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(entries))))
+    with stop_signals.deferred() as stop_requested, pool:  # the pool's own locks too (submit, shutdown)
+        futures = [pool.submit(is_intact, dst, e, by_hash) for e in entries]
+        pending = set(futures)
+        while pending:
+            if stop_requested():
+                for f in futures:
+                    f.cancel()
+                raise KeyboardInterrupt
+            pending = wait(pending, timeout=0.2).not_done
+        return [f.result() for f in futures]
 
 
 def intact_shards(folder: str, state: str, names, by_hash: bool) -> dict[str, dict]:

@@ -1,6 +1,7 @@
 """Stop signals (SIGINT, SIGTERM) as KeyboardInterrupt: anywhere, once (:func:`interrupt`); and while shards are
-written, only where the code asks (:func:`deferred`: the shard pipeline between two pieces, the loop over shards
-between two shards, the worker pool's event loop between two events).
+written or checked, only where the code asks (:func:`deferred`: the shard pipeline between two pieces, the loop
+over shards between two shards, the worker pool's event loop between two events, the resume check between two
+waits).
 
 Why defer them: Python runs a signal's handler between any two bytecodes of the main thread, so a
 KeyboardInterrupt can land inside ``queue.Queue.put``, after ``Condition.__enter__`` (Python code) has taken the

@@ -324,12 +324,13 @@ def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, act
     resume_and_compare(mini_src, dst, reference)
 
 
-# The signal lands at the worst bytecode: just after the main thread took a queue's lock inside Queue.put
-# (Condition.__enter__ is Python code), as a SIGTERM from a dying parent once did. Run in a child: a hang is the failure.
-_SIGNAL_INSIDE_A_QUEUE_LOCK = """
-import os, signal, sys, threading
+# A stop signal landing at the worst bytecode: just after the main thread took a lock inside a Python-level
+# ``Condition.__enter__`` (a queue's, a future's), as a SIGTERM from a dying parent once did in the shard writer.
+# Run in a child: a hang is the failure.
+_SIGNAL_INSIDE_A_LOCK = """
+import os, signal, sys, threading, time
 import torch
-from nvfp4kit import write
+from nvfp4kit import manifest, write
 from nvfp4kit.safetensors_io import TensorSpec
 from nvfp4kit.stop_signals import interrupt
 
@@ -345,28 +346,48 @@ def enter_then_signal(self):
     return taken
 
 threading.Condition.__enter__ = enter_then_signal
-specs = [TensorSpec(f"t{k}", "U8", (1 << 16,)) for k in range(8)]
+folder = sys.argv[2]
+if sys.argv[1] == "writer":
+    specs = [TensorSpec(f"t{k}", "U8", (1 << 16,)) for k in range(8)]
 
-def pieces():
+    def pieces():
+        for k in range(8):
+            if k == 3:
+                armed.append(1)  # the next lock the main thread takes is the writers' queue's, in put()
+            yield write.Piece([torch.full((1 << 16,), k, dtype=torch.uint8)])
+
+    run = lambda: write.write_shard(folder, "s.safetensors", specs, pieces())
+else:  # the resume check: the main thread waits on the hashing threads' futures
+    entries = []
     for k in range(8):
-        if k == 3:
-            armed.append(1)  # the next lock the main thread takes is the writers' queue's, in put()
-        yield write.Piece([torch.full((1 << 16,), k, dtype=torch.uint8)])
+        with open(os.path.join(folder, f"s{k}"), "wb") as f:
+            f.write(os.urandom(1 << 20))
+        entries.append({"name": f"s{k}", "size": 1 << 20, manifest.HASH: "0"})
+    check = manifest.is_intact
 
+    def slow_check(dst, entry, by_hash):
+        armed.append(1)  # the main thread's next lock: a future's, while the shards after the first are hashed
+        time.sleep(0.1 * (1 + int(entry["name"][1:])))  # each takes longer than the one before
+        return check(dst, entry, by_hash)
+
+    manifest.is_intact = slow_check
+    run = lambda: manifest.intact_entries(folder, entries, by_hash=True, threads=2)
 try:
-    write.write_shard(sys.argv[1], "s.safetensors", specs, pieces())
+    run()
+    print("not stopped")
 except KeyboardInterrupt:
-    print("stopped", sorted(os.listdir(sys.argv[1])), threading.active_count())
+    print("stopped", sorted(n for n in os.listdir(folder) if n.startswith(".")), threading.active_count())
 """
 
 
-def test_a_stop_signal_inside_a_queue_lock_stops_the_writer_cleanly(tmp_path):
-    """A stop signal never raises inside the shard pipeline's queue operations (nvfp4kit.stop_signals.deferred):
-    raised there, it left the writers' queue lock taken and the cleanup waited on it forever."""
-    run = subprocess.run([sys.executable, "-c", _SIGNAL_INSIDE_A_QUEUE_LOCK, str(tmp_path)], cwd=ROOT,
+@pytest.mark.parametrize("where", ["writer", "resume_check"])
+def test_a_stop_signal_inside_a_lock_stops_cleanly(tmp_path, where):
+    """A stop signal never raises inside the locks of the shard writer's queues or the resume check's futures
+    (nvfp4kit.stop_signals.deferred): raised there, the lock stayed taken and the cleanup waited on it forever."""
+    run = subprocess.run([sys.executable, "-c", _SIGNAL_INSIDE_A_LOCK, where, str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["stopped", "[]", "1"]  # no partial file, every pipeline thread joined
+    assert run.stdout.split() == ["stopped", "[]", "1"]  # no partial file, every thread joined
 
 
 def test_a_deferred_stop_signal_is_noted_inside_and_raised_on_leaving():
