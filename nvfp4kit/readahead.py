@@ -50,7 +50,9 @@ class SourceReadAhead:
         with self._changed:
             self._closed = True
             self._changed.notify()
-        self._thread.join()
+        # Bounded: a Ctrl-C landing inside this condition's lock in the main thread leaves it taken (see
+        # nvfp4kit.stop_signals), and the thread, a daemon that only reads, would then never end.
+        self._thread.join(timeout=5.0)
 
     def _next_read(self) -> tuple[str, int, int] | None:
         """The next (file, offset, size) to read, once the window allows it; None when closed or done."""
