@@ -67,22 +67,23 @@ class _Noted:
 def deferred() -> Iterator[Callable[[], bool]]:
     """Within the block, stop signals are noted, not raised: the block asks the returned ``requested()`` at safe
     points and raises KeyboardInterrupt itself. On leaving, the handlers in place before come back and the first
-    signal noted is raised again to them (KeyboardInterrupt from the usual handlers), so none is lost. A block
-    inside another shares its notes (the outer one raises on leaving).
+    signal noted is raised again to them (KeyboardInterrupt from the usual handlers), so none is lost. A signal
+    ignored before stays ignored. A block inside another shares its notes (the outer one raises on leaving).
 
     Off the main thread (where handlers cannot be set, and signals never land) ``requested()`` is always False.
     """
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    current = signal.getsignal(signal.SIGTERM)
-    if isinstance(current, _Noted):
-        yield lambda: bool(current.signals)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    outer = next((h for h in previous.values() if isinstance(h, _Noted)), None)
+    if outer is not None:
+        yield lambda: bool(outer.signals)
         return
     noted = _Noted()
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, noted)
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored stays ignored (a job a shell started in the background)
+            signal.signal(sig, noted)
     try:
         yield lambda: bool(noted.signals)
     finally:

@@ -36,9 +36,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import KitError
 from . import stop_signals
-from .stop_signals import STOP_SIGNALS, interrupt
+from .errors import KitError
 
 JOB_FILE = "job.pickle"  # in the state folder: what every worker needs, written once per run
 STOP_GRACE_SECONDS = 60  # a stopped worker's time to remove its partial file before SIGKILL
@@ -198,8 +197,8 @@ def _worker_main(job_path: str, k: int, parent: int) -> int:
 
     reason = "interrupted"
     try:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, interrupt)
+        for sig in stop_signals.STOP_SIGNALS:
+            signal.signal(sig, stop_signals.interrupt)
         _die_with_parent()
         if not parent_alive():
             return 1
@@ -219,7 +218,7 @@ def _worker_main(job_path: str, k: int, parent: int) -> int:
         reason = "error"
         _send_quietly(send, "error", message=f"worker {k} failed:\n{traceback.format_exc()}")
     finally:
-        for sig in STOP_SIGNALS:
+        for sig in stop_signals.STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # cleanup is done; the last event must not be cut short
         _send_quietly(send, "exit", reason=reason)
     return 0 if reason == "done" else INTERRUPTED_EXIT if reason == "interrupted" else 1

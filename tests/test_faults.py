@@ -324,6 +324,23 @@ def test_interrupt_stops_cleanly_and_says_how_to_resume(mini_src, reference, act
     resume_and_compare(mini_src, dst, reference)
 
 
+def test_a_stop_signal_ignored_before_stays_ignored_inside_deferred():
+    """A run whose SIGINT was ignored (started in the background by a shell) is not stopped by one while shards
+    are written: deferred() notes only the signals it would otherwise have raised."""
+    from nvfp4kit import stop_signals
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with stop_signals.deferred() as requested:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert not requested()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # A stop signal landing at the worst bytecode: just after the main thread took a lock inside a Python-level
 # ``Condition.__enter__`` (a queue's, a future's), as a SIGTERM from a dying parent once did in the shard writer.
 # Run in a child: a hang is the failure.

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .. import stop_signals
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import ConvertError, few, io_failure
 from ..layouts import Layout
@@ -21,8 +22,6 @@ from ..plan import ConversionPlan, Options, ShardPlan, build_plan, load_activati
 from ..progress import DEFAULT_EVERY_SECONDS, Progress
 from ..ranks import Share
 from ..readahead import Range, SourceReadAhead
-from .. import stop_signals
-from ..stop_signals import sigterm_as_interrupt
 from .finish import copy_side_files, finish
 from .resume import STATE_DIR, exclusive_lock, fingerprint, prepare_state, setup_lock
 from .shard import WorkerJob, install_worker
@@ -93,7 +92,7 @@ def _convert(src: str, dst: str, options: Options, settings: Settings, activatio
     if not share.alone:
         log.info("%s (%d of %d shards)", share.describe(), len(mine), len(plan.shards))
     try:
-        with sigterm_as_interrupt():
+        with stop_signals.sigterm_as_interrupt():
             os.makedirs(dst, exist_ok=True)
             with exclusive_lock(dst, share):
                 state = os.path.join(dst, STATE_DIR)
